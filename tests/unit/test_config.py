@@ -1,0 +1,71 @@
+"""Typed config: defaults, recipes as diffs, overrides, and early clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sophiavl_mcore.config import Config, ConfigError, apply_overrides, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "examples" / "configs").rglob("*.yaml"))
+
+
+def test_defaults_match_the_paper() -> None:
+    cfg = Config()
+    assert cfg.rewards.trust_grpo.alpha == 0.3
+    assert cfg.rewards.trust_grpo.use_trust and cfg.rewards.trust_grpo.use_annealing
+    assert cfg.rewards.format_weight == 0.0
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(None, ["rewards.trust_grpo.alpha=0.5", "rewards.trust_grpo.use_trust=false", "seed=7"])
+    assert cfg.rewards.trust_grpo.alpha == 0.5
+    assert cfg.rewards.trust_grpo.use_trust is False
+    assert cfg.seed == 7
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rewards.trust_grpo.alpah=0.5", r"unknown key\(s\) rewards\.trust_grpo\.alpah.*valid keys.*alpha"),
+        ("rewards.trust_grpo.use_trust=maybe", r"rewards\.trust_grpo\.use_trust: expected true/false, got 'maybe'"),
+        ("seed=1.5", r"seed: expected an integer, got 1\.5"),
+        ("rewards=3", r"rewards: expected a mapping"),
+        ("nonsense", r"not of the form key\.sub=value"),
+    ],
+)
+def test_bad_overrides_fail_with_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_recipe_base_chain_and_unknown_recipe(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("seed: 3\nrewards:\n  format_weight: 0.1\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nrewards:\n  trust_grpo:\n    alpha: 0.2\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.seed, cfg.rewards.format_weight, cfg.rewards.trust_grpo.alpha) == (3, 0.1, 0.2)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_override_into_a_value_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="seed is a value"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_round_trip_through_dict() -> None:
+    cfg = load_config(None, ["rewards.trust_grpo.alpha=0.25"])
+    assert load_config(None, []).rewards.trust_grpo.alpha != cfg.rewards.trust_grpo.alpha
+    data = to_dict(cfg)
+    assert data["rewards"]["trust_grpo"]["alpha"] == 0.25
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_recipe_loads(recipe: Path) -> None:
+    load_config(recipe)
+
+
+def test_recipes_exist() -> None:
+    assert RECIPES, "examples/configs has no recipes"
