@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     samples, thinking = build_samples()
     outcome = score_outcomes(samples, format_weight=cfg.rewards.format_weight)
+    # A reply without a <think> block has no reasoning for the TRM to grade.
+    thinking[~outcome.well_formed] = np.nan
     result = trust_grpo(outcome.reward, thinking, group_size=GROUP_SIZE, step=args.step,
                         total_steps=args.total_steps, config=tg)
     advantages = group_advantages(result.reward, group_size=GROUP_SIZE, config=tg)

@@ -155,14 +155,23 @@ def math_verify_equal(gold: str, answer: str) -> bool:
     from math_verify import parse, verify  # import costs ~1 s: only when a slow case occurs
 
     try:
-        gold_parsed = parse(gold)
-        answer_parsed = parse(answer)
+        gold_parsed = _parse_math(parse, gold)
+        answer_parsed = _parse_math(parse, answer)
         if not gold_parsed or not answer_parsed:
             return False
         return bool(verify(gold_parsed, answer_parsed))
     except Exception as err:  # math-verify raises assorted sympy errors on odd input
         logger.debug("math-verify failed on %r vs %r: %s", gold, answer, err)
         return False
+
+
+def _parse_math(parse, text: str) -> list:
+    # math-verify only finds LaTeX inside delimiters ($…$, \boxed{}); an answer field is
+    # bare LaTeX like "\sqrt{2}", so retry inside $…$ when the plain parse finds nothing.
+    parsed = parse(text)
+    if not parsed and "$" not in text:
+        parsed = parse(f"${text}$")
+    return parsed
 
 
 # ---------------------------------------------------------------- multiple choice
