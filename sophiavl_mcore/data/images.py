@@ -1,0 +1,508 @@
+"""Image loading for Qwen2.5-VL with NVIDIA DALI: one decode feeds vLLM and the policy.
+
+Per image (all sizes in pixels, ``H×W``)::
+
+    file bytes ─► header check (PIL, no decode) ─► DALI decode (CPU, or nvJPEG "mixed"
+    when CUDA is there) ─► bicubic resize to smart_resize(H, W) (multiples of 28,
+    min/max pixels) ─┬► uint8 [H', W', 3]                      → vLLM (already at its
+                     │                                          final size, so vLLM's own
+                     │                                          resize is the identity)
+                     └► CLIP mean/std normalise, float32 [3, H', W']
+                        ─► patchify → pixel_values [H'/14 · W'/14, 3·2·14·14]
+                                      image_grid_thw (1, H'/14, W'/14)   → Megatron policy
+
+Images differ in size, so the pipeline is run directly (``Pipeline.run``) and its
+outputs are read sample by sample; DALI's torch iterator, which needs one shape per
+batch, is not used. Text-only requests never enter the pipeline.
+
+Bad input never stops a run. The header check (cheap: ``PIL.Image.open`` reads only
+the header) sorts each file into:
+
+- **skipped**, counted per reason in :meth:`ImageLoader.metrics` as
+  ``data/skipped_<reason>``: ``missing``, ``empty`` (zero bytes), ``unreadable`` (not
+  an image PIL can identify), ``truncated`` (JPEG without an end-of-image marker after
+  its last scan, PNG without IEND), ``too_large`` (over ``max_decode_pixels`` or
+  ``max_file_bytes``: a 20000×20000 image is refused before any decode),
+  ``too_small`` (a side below ``min_side``), ``aspect_ratio`` (over
+  ``max_aspect_ratio``, 200 as in Qwen2.5-VL), ``decode_error`` (DALI could not
+  decode it; found by re-running a failed batch one sample at a time so the other
+  samples of the batch survive);
+- **converted** by PIL before DALI (then passed on as a raw PPM, so DALI's decode is a
+  copy): images with transparency (RGBA, LA, palette with a transparent colour) are
+  composited on white — dropping alpha, as ``convert("RGB")`` does, turns transparent
+  backgrounds black and hides black strokes; GIF and other animated formats use their
+  first frame; palette, 1-bit and 32-bit modes are converted to RGB;
+- **decoded by DALI directly**: 8-bit RGB/gray JPEG, PNG, WebP, BMP, TIFF, PNM; CMYK
+  and YCCK JPEGs (libjpeg-turbo converts them, identical to PIL); 16-bit PNGs (DALI
+  scales to 8 bits with rounding, where PIL's ``convert("RGB")`` clips gray at 255).
+
+EXIF orientation is applied (DALI does it while decoding; the target size accounts for
+it).
+
+Resize backend: on GPU DALI resizes (``fn.resize``, cubic, antialiased). On CPU the
+default is torch's uint8 antialiased bicubic kernel after DALI's decode: DALI's CPU
+resampler measured ~9× slower than it here, and it is bit-identical to what
+transformers' (fast) Qwen2-VL processor — the one vLLM runs — computes.
+``resize_backend="dali"`` keeps the whole path in DALI (mean abs diff to transformers
+≈ 0.003). File preparation runs in threads here; :mod:`.image_stream` moves it to
+DALI's parallel external source workers when the upcoming requests are known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+# OpenAI CLIP statistics, as Qwen2-VL / Qwen2.5-VL's image processor uses them (0..1 scale).
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+SKIP_REASONS: tuple[str, ...] = (
+    "missing", "empty", "unreadable", "truncated", "too_large", "too_small", "aspect_ratio",
+    "decode_error",
+)
+# Modes DALI decodes to the same RGB as PIL, per format; anything else goes through PIL.
+_DALI_MODES = {
+    "JPEG": {"RGB", "L", "CMYK", "YCbCr"},
+    "PNG": {"RGB", "L", "I;16", "I;16B"},
+    "WEBP": {"RGB", "L"},
+    "BMP": {"RGB", "L"},
+    "TIFF": {"RGB", "L"},
+    "PPM": {"RGB", "L"},
+}
+
+
+@dataclasses.dataclass
+class ImageConfig:
+    """Qwen2.5-VL image preprocessing and the loader's limits (pixels unless stated)."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    max_aspect_ratio: float = 200.0
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    max_decode_pixels: int = 1 << 27  # ~134 MP; refuse bigger before decoding
+    max_file_bytes: int = 256 << 20
+    min_side: int = 1
+    batch_size: int = 32  # samples per DALI run
+    num_threads: int = 2  # DALI CPU threads
+    prepare_workers: int = 2  # threads that read files and check headers
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    # Who does the bicubic resize: "dali" (fn.resize), "torch" (uint8 antialiased bicubic,
+    # the kernel transformers' fast processor uses); "auto": DALI on GPU, torch on CPU,
+    # where DALI's CPU resampler is several times slower (see bench/bench_images.py).
+    resize_backend: Literal["auto", "dali", "torch"] = "auto"
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def __post_init__(self) -> None:
+        f = self.factor
+        if self.patch_size <= 0 or self.merge_size <= 0 or self.temporal_patch_size <= 0:
+            raise ValueError(
+                f"image: patch_size={self.patch_size}, merge_size={self.merge_size}, "
+                f"temporal_patch_size={self.temporal_patch_size} must all be > 0"
+            )
+        if not (f * f <= self.min_pixels <= self.max_pixels):
+            raise ValueError(
+                f"image: need factor²={f * f} <= min_pixels={self.min_pixels} <= max_pixels={self.max_pixels}"
+            )
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"image.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+        if min(self.batch_size, self.num_threads, self.prepare_workers, self.min_side) < 1:
+            raise ValueError(
+                f"image: batch_size={self.batch_size}, num_threads={self.num_threads}, "
+                f"prepare_workers={self.prepare_workers}, min_side={self.min_side} must all be >= 1"
+            )
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(f"image: mean {self.image_mean} / std {self.image_std} need 3 values, std > 0")
+
+
+class ImageSkip(Exception):
+    """An image that cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280, max_aspect_ratio: float = 200.0,
+) -> tuple[int, int]:
+    """Qwen2.5-VL target size: both sides multiples of ``factor``, area in
+    ``[min_pixels, max_pixels]``, aspect ratio kept as well as rounding allows.
+
+    Raises :class:`ImageSkip` ("aspect_ratio") beyond ``max_aspect_ratio``.
+    """
+    if max(height, width) > max_aspect_ratio * min(height, width):
+        raise ImageSkip(
+            "aspect_ratio",
+            f"aspect ratio {max(height, width) / min(height, width):.1f} of {height}x{width} "
+            f"exceeds {max_aspect_ratio}",
+        )
+    # round() (half to even) as Python's does, so sizes match the reference processor.
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def patchify(image: np.ndarray | torch.Tensor, cfg: ImageConfig) -> np.ndarray | torch.Tensor:
+    """``[3, H, W]`` normalised image → ``[H/p · W/p, 3·T·p·p]`` patches (p = patch_size,
+    T = temporal_patch_size; a still image is repeated T times), in Qwen2-VL's order:
+    merge windows row-major, the ``merge×merge`` patches of a window consecutive.
+    """
+    c, h, w = image.shape
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    gh, gw = _grid(h, w, cfg)
+    x = image.reshape(c, gh // m, m, p, gw // m, m, p)
+    if isinstance(x, np.ndarray):
+        x = x.transpose(1, 4, 2, 5, 0, 3, 6)[:, :, :, :, :, None]
+        x = np.broadcast_to(x, x.shape[:5] + (t,) + x.shape[6:])
+        return np.ascontiguousarray(x).reshape(gh * gw, c * t * p * p)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6).unsqueeze(5)
+    return x.expand(*x.shape[:5], t, p, p).reshape(gh * gw, c * t * p * p)
+
+
+def _grid(h: int, w: int, cfg: ImageConfig) -> tuple[int, int]:
+    p, m = cfg.patch_size, cfg.merge_size
+    if h % (p * m) or w % (p * m):
+        raise ValueError(f"image {h}x{w} is not a multiple of patch {p} × merge {m}")
+    return h // p, w // p
+
+
+def normalize_patchify_into(rgb: torch.Tensor, out: torch.Tensor, cfg: ImageConfig) -> None:
+    """uint8 ``[H, W, 3]`` → ``out`` float ``[H/p · W/p, 3·T·p·p]``: CLIP-normalised
+    patches, the same values and order as :func:`patchify` of the normalised CHW image.
+
+    Normalising the HWC image first keeps that pass contiguous; the one strided pass is
+    the final copy, which also does the temporal repeat (memory-bound, threads via torch).
+    """
+    h, w, _ = rgb.shape
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    gh, gw = _grid(h, w, cfg)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in cfg.image_std], dtype=out.dtype, device=out.device)
+    bias = torch.tensor([-mu / s for mu, s in zip(cfg.image_mean, cfg.image_std, strict=True)],
+                        dtype=out.dtype, device=out.device)
+    xf = rgb.to(device=out.device, dtype=out.dtype).mul_(scale).add_(bias)
+    x = xf.view(gh // m, m, p, gw // m, m, p, 3).permute(0, 3, 1, 4, 6, 2, 5).unsqueeze(5)
+    out.view(gh // m, gw // m, m, m, 3, t, p, p).copy_(x.expand(-1, -1, -1, -1, -1, t, -1, -1))
+
+
+# ------------------------------------------------------------------ header check
+
+
+@dataclasses.dataclass
+class PreparedImage:
+    """Bytes ready for DALI and the size they will be resized to."""
+
+    data: np.ndarray  # uint8 [n], encoded file (or a PPM after a PIL conversion)
+    height: int  # after EXIF orientation
+    width: int
+    target: tuple[int, int]  # (H', W') from smart_resize
+    converted: str = ""  # why PIL converted it ("" = DALI decodes the original)
+
+
+def _read(path: str, cfg: ImageConfig) -> bytes:
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError as err:
+        raise ImageSkip("missing", f"{path}: file not found") from err
+    except OSError as err:
+        raise ImageSkip("missing", f"{path}: cannot stat ({err})") from err
+    if size == 0:
+        raise ImageSkip("empty", f"{path}: file is empty")
+    if size > cfg.max_file_bytes:
+        raise ImageSkip("too_large", f"{path}: {size} bytes > max_file_bytes={cfg.max_file_bytes}")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _truncated(fmt: str, data: bytes) -> bool:
+    if fmt == "JPEG":
+        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+    if fmt == "PNG":
+        return b"IEND" not in data[-64:]
+    return False
+
+
+def _convert_with_pil(img: Image.Image) -> tuple[np.ndarray, str]:
+    """First frame, EXIF-oriented, transparency composited on white → ``[H, W, 3]`` uint8."""
+    img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    why = img.format or "pil"
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+        why = "alpha"
+    elif img.mode in ("I", "I;16", "I;16B", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8))
+    return np.asarray(img.convert("RGB")), why
+
+
+def _ppm(rgb: np.ndarray) -> np.ndarray:
+    h, w, _ = rgb.shape
+    header = np.frombuffer(f"P6\n{w} {h}\n255\n".encode(), np.uint8)
+    return np.concatenate([header, np.ascontiguousarray(rgb).reshape(-1)])
+
+
+def prepare_image(path: str, cfg: ImageConfig) -> PreparedImage:
+    """Read ``path`` once, check its header, decide DALI vs PIL conversion, size it.
+
+    Raises :class:`ImageSkip` for a file that must be skipped.
+    """
+    data = _read(path, cfg)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ImageSkip("too_large", f"{path}: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageSkip("unreadable", f"{path}: not a readable image ({err})") from err
+    w, h = img.size
+    if w * h > cfg.max_decode_pixels:
+        raise ImageSkip("too_large", f"{path}: {w}x{h} = {w * h} pixels > max_decode_pixels={cfg.max_decode_pixels}")
+    if min(w, h) < cfg.min_side:
+        raise ImageSkip("too_small", f"{path}: {w}x{h} has a side below min_side={cfg.min_side}")
+    fmt = img.format or ""
+    if _truncated(fmt, data):
+        raise ImageSkip("truncated", f"{path}: {fmt} data ends early ({len(data)} bytes)")
+    orientation = img.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    target = smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels, cfg.max_aspect_ratio)
+    native = img.mode in _DALI_MODES.get(fmt, ()) and getattr(img, "n_frames", 1) == 1
+    if native and not (fmt == "PNG" and "transparency" in img.info):
+        return PreparedImage(np.frombuffer(data, np.uint8), h, w, target)
+    try:
+        rgb, why = _convert_with_pil(img)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageSkip("decode_error", f"{path}: PIL could not decode it ({err})") from err
+    return PreparedImage(_ppm(rgb), rgb.shape[0], rgb.shape[1], target, converted=why)
+
+
+# ------------------------------------------------------------------ result
+
+
+@dataclasses.dataclass
+class ImageBatch:
+    """Images of one list of requests, in both forms, decoded once.
+
+    - ``images[i]``: uint8 ``[H', W', 3]`` resized image for request ``i`` (vLLM input),
+      None for a text-only request or a skipped image;
+    - ``pixel_values``: float32 ``[Σ patches, 3·T·p·p]`` of the loaded images in request
+      order (Megatron policy input); ``image_grid_thw``: int64 ``[n_loaded, 3]``;
+    - ``image_index[i]``: the row of request ``i`` in ``image_grid_thw`` (None if none);
+    - ``skipped[i]``: the reason request ``i``'s image was skipped.
+    """
+
+    images: list[np.ndarray | None]
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    image_index: list[int | None]
+    skipped: dict[int, str]
+
+    def patch_slice(self, i: int) -> slice:
+        """Rows of ``pixel_values`` that belong to request ``i`` (empty if it has none)."""
+        row = self.image_index[i]
+        if row is None:
+            return slice(0, 0)
+        sizes = self.image_grid_thw.prod(dim=1)
+        start = int(sizes[:row].sum())
+        return slice(start, start + int(sizes[row]))
+
+    def vllm_image(self, i: int) -> Image.Image | None:
+        """Request ``i``'s image as vLLM's ``multi_modal_data={"image": ...}`` takes it."""
+        img = self.images[i]
+        return None if img is None else Image.fromarray(img)
+
+
+# ------------------------------------------------------------------ DALI
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _build_pipeline(cfg: ImageConfig, gpu: bool, dali_resize: bool) -> Any:
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    pipe = Pipeline(
+        batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+        device_id=torch.cuda.current_device() if gpu else None,
+        prefetch_queue_depth=1, exec_dynamic=True,
+    )
+    with pipe:
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        if dali_resize:
+            size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+            # minibatch_size=1 spreads the samples of a batch over the threads.
+            image = fn.resize(
+                image, size=size, interp_type=types.INTERP_CUBIC, antialias=True,
+                minibatch_size=1 if not gpu else 32,
+            )
+        pipe.set_outputs(image)
+    pipe.build()
+    return pipe
+
+
+def resize_uint8(image: np.ndarray, target: tuple[int, int]) -> np.ndarray:
+    """Antialiased bicubic resize of uint8 ``[H, W, 3]`` to ``target`` = (H', W') with
+    torch's uint8 kernel (bit-identical to torchvision's, which transformers' fast
+    Qwen2-VL processor calls). Returns a new contiguous uint8 ``[H', W', 3]``."""
+    if tuple(image.shape[:2]) == tuple(target):
+        return np.array(image)  # a copy: ``image`` may be a view of DALI's buffer
+    chw = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+    out = torch.nn.functional.interpolate(chw, size=target, mode="bicubic", antialias=True)
+    return out[0].permute(1, 2, 0).contiguous().numpy()
+
+
+class ImageLoader:
+    """Turns image paths into an :class:`ImageBatch` with one DALI pipeline.
+
+    ``load(paths)``: ``paths[i]`` is a file path or None (text-only request). Never
+    raises for a bad image: it is skipped, logged and counted (see :meth:`metrics`).
+    """
+
+    def __init__(self, cfg: ImageConfig | None = None) -> None:
+        self.cfg = cfg or ImageConfig()
+        want_gpu = self.cfg.device == "gpu" or (self.cfg.device == "auto" and cuda_available())
+        if self.cfg.device == "gpu" and not cuda_available():
+            raise ValueError("image.device is 'gpu' but CUDA is not available")
+        self.gpu = want_gpu
+        backend = self.cfg.resize_backend
+        self.dali_resize = backend == "dali" or (backend == "auto" and self.gpu)
+        self._pipe = _build_pipeline(self.cfg, self.gpu, self.dali_resize)
+        self._pool = ThreadPoolExecutor(self.cfg.prepare_workers, thread_name_prefix="img-prepare")
+        self.skip_counts: Counter[str] = Counter()
+        self.converted_counts: Counter[str] = Counter()
+        self.loaded = 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative counters: ``data/images_loaded``, ``data/skipped_<reason>`` (every
+        reason, zeros included), ``data/converted_<kind>``."""
+        out = {"data/images_loaded": float(self.loaded)}
+        out.update({f"data/skipped_{r}": float(self.skip_counts[r]) for r in SKIP_REASONS})
+        out.update({f"data/converted_{k}": float(v) for k, v in self.converted_counts.items()})
+        return out
+
+    def _prepare(self, path: str) -> PreparedImage | ImageSkip:
+        try:
+            return prepare_image(path, self.cfg)
+        except ImageSkip as skip:
+            return skip
+        except Exception as err:  # a reader bug must not stop the run either
+            return ImageSkip("unreadable", f"{path}: {type(err).__name__}: {err}")
+
+    def _run(self, items: Sequence[PreparedImage]) -> list[np.ndarray]:
+        self._pipe.feed_input("encoded", [it.data for it in items])
+        if self.dali_resize:
+            self._pipe.feed_input("size", [np.array(it.target, np.float32) for it in items])
+        (images,) = self._pipe.run()
+        if self.gpu:
+            images = images.as_cpu()
+        if self.dali_resize:
+            # Copy now: DALI reuses its output buffers on the next run.
+            return [np.array(images[i]) for i in range(len(items))]
+        return [resize_uint8(np.asarray(images[i]), it.target) for i, it in enumerate(items)]
+
+    def _decode(self, items: Sequence[PreparedImage]) -> list[np.ndarray | str]:
+        """Resized uint8 ``[H', W', 3]`` per item, or an error message for an item DALI
+        cannot decode."""
+        try:
+            return self._run(items)
+        except Exception as err:
+            if len(items) == 1:
+                return [" ".join(str(err).split())[:300] or repr(err)]
+        out: list[np.ndarray | str] = []
+        for it in items:  # find the bad one(s) without losing the rest
+            out.extend(self._decode([it]))
+        return out
+
+    def load(self, paths: Sequence[str | None]) -> ImageBatch:
+        """Decode, resize and patchify the images of ``paths`` (None = no image)."""
+        n = len(paths)
+        todo = [(i, p) for i, p in enumerate(paths) if p is not None]
+        prepared = list(self._pool.map(self._prepare, [p for _, p in todo]))
+        skipped: dict[int, str] = {}
+        good: list[tuple[int, PreparedImage]] = []
+        for (i, _path), res in zip(todo, prepared, strict=True):
+            if isinstance(res, ImageSkip):
+                self._skip(skipped, i, res.reason, str(res))
+            else:
+                good.append((i, res))
+        images: list[np.ndarray | None] = [None] * n
+        for start in range(0, len(good), self.cfg.batch_size):
+            chunk = good[start : start + self.cfg.batch_size]
+            for (i, item), out in zip(chunk, self._decode([it for _, it in chunk]), strict=True):
+                if isinstance(out, str):
+                    self._skip(skipped, i, "decode_error", f"{paths[i]}: {out}")
+                    continue
+                rgb = out
+                if tuple(rgb.shape[:2]) != item.target:
+                    self._skip(skipped, i, "decode_error", f"{paths[i]}: decoded to {rgb.shape}, expected {item.target}")
+                    continue
+                images[i] = rgb
+                if item.converted:
+                    self.converted_counts[item.converted] += 1
+        return self._assemble(images, skipped)
+
+    def _skip(self, skipped: dict[int, str], i: int, reason: str, message: str) -> None:
+        skipped[i] = reason
+        self.skip_counts[reason] += 1
+        logger.warning("skipping image (%s): %s", reason, message)
+
+    def _assemble(self, images: list[np.ndarray | None], skipped: dict[int, str]) -> ImageBatch:
+        p, t = self.cfg.patch_size, self.cfg.temporal_patch_size
+        index: list[int | None] = [None] * len(images)
+        grids = []
+        for i, img in enumerate(images):
+            if img is not None:
+                index[i] = len(grids)
+                grids.append((1, img.shape[0] // p, img.shape[1] // p))
+        counts = [gh * gw for _, gh, gw in grids]
+        device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
+        # One allocation for the whole batch; each image writes its rows in place.
+        pixel_values = torch.empty(sum(counts), 3 * t * p * p, dtype=torch.float32, device=device)
+        start = 0
+        for img, count in zip((im for im in images if im is not None), counts, strict=True):
+            normalize_patchify_into(torch.from_numpy(img), pixel_values[start : start + count], self.cfg)
+            start += count
+        grid = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
+        self.loaded += len(grids)
+        return ImageBatch(images, pixel_values, grid, index, skipped)
