@@ -20,7 +20,12 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sophiavl_mcore.data.images import ImageConfig
+from sophiavl_mcore.data.prompts import PromptConfig
+from sophiavl_mcore.data.records import DataConfig
+from sophiavl_mcore.parallel.layout import ParallelConfig
 from sophiavl_mcore.rewards.trust_grpo import TrustGRPOConfig
+from sophiavl_mcore.trainer.loss import GRPOLossConfig
 
 T = TypeVar("T")
 
@@ -41,7 +46,12 @@ class RewardConfig:
 class Config:
     """The whole run's configuration; sections are added as the system grows."""
 
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    images: ImageConfig = dataclasses.field(default_factory=ImageConfig)
     rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
     seed: int = 1234
 
 

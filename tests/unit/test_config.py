@@ -69,3 +69,14 @@ def test_every_shipped_recipe_loads(recipe: Path) -> None:
 
 def test_recipes_exist() -> None:
     assert RECIPES, "examples/configs has no recipes"
+
+
+def test_sections_compose_and_lists_of_sections_are_checked() -> None:
+    cfg = load_config(None, ["parallel.tp=2", "data.sources=[{path: a.jsonl, weight: 2}]",
+                             "images.image_mean=[0.5, 0.5, 0.5]", "loss.kl_coef=0.01"])
+    assert (cfg.parallel.tp, cfg.data.sources[0].path, cfg.data.sources[0].weight) == (2, "a.jsonl", 2.0)
+    assert cfg.images.image_mean == (0.5, 0.5, 0.5) and cfg.loss.kl_coef == 0.01
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.pth"):
+        load_config(None, ["data.sources=[{pth: a.jsonl}]"])
+    with pytest.raises(ConfigError, match=r"parallel\.backend: 'mpi' is not one of"):
+        load_config(None, ["parallel.backend=mpi"])
