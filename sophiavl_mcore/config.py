@@ -26,6 +26,7 @@ from sophiavl_mcore.data.records import DataConfig
 from sophiavl_mcore.parallel.layout import ParallelConfig
 from sophiavl_mcore.rewards.trust_grpo import TrustGRPOConfig
 from sophiavl_mcore.trainer.loss import GRPOLossConfig
+from sophiavl_mcore.trainer.optim import OptimConfig
 
 T = TypeVar("T")
 
@@ -52,6 +53,7 @@ class Config:
     images: ImageConfig = dataclasses.field(default_factory=ImageConfig)
     rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     seed: int = 1234
 
 

@@ -291,8 +291,12 @@ def save_mcore_shard(
 def load_hf_into_model(
     model: torch.nn.Module, hf_dir: str | Path, tp: int, pp: int, tp_rank: int, pp_rank: int,
     *, te: bool = False, layers_per_stage: list[int] | None = None, vocab_divisible_by: int = 1,
-) -> None:
-    """Fill a live rank's model straight from an HF checkpoint (no intermediate files)."""
+) -> ConversionPlan:
+    """Fill a live rank's model straight from an HF checkpoint (no intermediate files).
+
+    Returns the conversion plan used (layout, HF prefix, padded vocab) for callers that
+    record it next to what they save.
+    """
     hf_dir = Path(hf_dir)
     cfg = load_config_json(hf_dir)
     reader = open_hf_dir(hf_dir)
@@ -312,3 +316,4 @@ def load_hf_into_model(
         for r in rules:
             full = [reader.get(n) for n in r.hf]
             own[r.mcore].copy_(plan.shard(r, full, tp_rank))
+    return plan

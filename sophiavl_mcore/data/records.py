@@ -170,7 +170,7 @@ def validate_record(
 # ------------------------------------------------------------------ loaders
 
 
-def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
+def read_raw_records(path: Path) -> Iterator[tuple[str, Any]]:
     """Yield ``(where, raw_record)`` from a .json / .jsonl / .parquet file."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -208,7 +208,7 @@ def load_records(path: str | Path, image_root: str | Path | None = None, name: s
         raise RecordError(f"data file {path} does not exist")
     root = Path(image_root) if image_root else path.parent
     source = name or path.stem
-    records = [validate_record(rec, where, root, source) for where, rec in _raw_records(path)]
+    records = [validate_record(rec, where, root, source) for where, rec in read_raw_records(path)]
     seen: dict[str, int] = {}
     for i, rec in enumerate(records):
         if rec.problem_id in seen:

@@ -1,0 +1,380 @@
+"""Supervised fine-tuning step on the Megatron stack (TRM training, policy warm start).
+
+One global batch of :class:`SFTExample` (each DP rank holds its share) →
+
+    right-padded micro-batches  input_ids [B,S], labels [B,S] (= input_ids shifted left),
+                                loss_mask [B,S] (1 on positions whose *next* token is a
+                                target token), pixel_values [P, 3·2·14·14],
+                                image_grid_thw [I, 3]
+    ─► Megatron ``get_forward_backward_func()`` (PP schedule when pp > 1), the model's
+       vocab-parallel per-token cross-entropy [B,S] (nats)
+    ─► loss = Σ_{target tokens of the global batch} CE / (number of those tokens)
+       (token mean over the *global* batch, not a mean of micro-batch means)
+    ─► Megatron optimizer update (grad clip, LR schedule; see :mod:`.optim`).
+
+Scaling: Megatron divides each micro-batch loss by the number of micro-batches and DDP
+averages gradients over DP, so each micro-batch contributes
+``Σ CE · num_microbatches · dp / global_target_tokens``; the resulting gradient is that
+of the global token mean exactly, whatever the split over micro-batches and DP ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sophiavl_mcore.trainer.optim import OptimConfig, StepResult, optimizer_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """SFT batch geometry (sizes in examples / tokens).
+
+    Attributes:
+        global_batch_size: examples per optimizer update, over all DP ranks.
+        micro_batch_size: examples per forward/backward on one rank.
+        max_seq_len: longest example (prompt + target tokens, image tokens included);
+            longer ones are dropped and counted by the data code.
+        pad_to_multiple_of: micro-batch length is rounded up to this.
+        train_steps: optimizer updates in the run.
+        log_every: console metrics every this many updates.
+    """
+
+    global_batch_size: int = 32
+    micro_batch_size: int = 4
+    max_seq_len: int = 4096
+    pad_to_multiple_of: int = 8
+    train_steps: int = 100
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        errors = []
+        for name in ("global_batch_size", "micro_batch_size", "max_seq_len",
+                     "pad_to_multiple_of", "train_steps", "log_every"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.micro_batch_size > self.global_batch_size:
+            errors.append(f"micro_batch_size={self.micro_batch_size} exceeds "
+                          f"global_batch_size={self.global_batch_size}")
+        if errors:
+            raise ValueError("sft: " + "; ".join(errors))
+
+    def check_dp(self, dp: int) -> None:
+        """The global batch must split evenly over ``dp`` data-parallel ranks."""
+        if self.global_batch_size % dp:
+            raise ValueError(f"sft.global_batch_size={self.global_batch_size} is not divisible by "
+                             f"the data-parallel size dp={dp}")
+
+
+@dataclasses.dataclass
+class SFTExample:
+    """One tokenised example.
+
+    Attributes:
+        input_ids: int64 [S] prompt + target tokens (image pads already expanded).
+        target_mask: bool [S], True on target tokens (the ones the model must produce).
+        pixel_values: float32 [P, 3·T·p·p] patches of the example's images, or None.
+        image_grid_thw: int64 [I, 3], or None.
+        source: where the example came from (file and record), for messages.
+    """
+
+    input_ids: torch.Tensor
+    target_mask: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.input_ids.dim() != 1 or self.target_mask.shape != self.input_ids.shape:
+            raise ValueError(f"{self.source}: input_ids {tuple(self.input_ids.shape)} and "
+                             f"target_mask {tuple(self.target_mask.shape)} must be equal 1-D shapes")
+        if not bool(self.target_mask[1:].any()):
+            # Position 0 is never predicted, so a target there would count for nothing.
+            raise ValueError(f"{self.source}: no target token after position 0")
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(self.target_mask[1:].sum())
+
+
+def collate(examples: Sequence[SFTExample], pad_id: int, pad_to_multiple_of: int = 8
+            ) -> dict[str, Any]:
+    """Right-pad ``examples`` into one micro-batch (see the module docstring for shapes).
+
+    ``labels[b, t] = input_ids[b, t+1]`` and ``loss_mask[b, t] = target_mask[b, t+1]``:
+    the model's output at ``t`` predicts token ``t+1``. Padding positions carry
+    ``pad_id`` labels with mask 0.
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    longest = max(int(e.input_ids.numel()) for e in examples)
+    seq = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    batch = len(examples)
+    input_ids = torch.full((batch, seq), pad_id, dtype=torch.long)
+    target = torch.zeros(batch, seq, dtype=torch.bool)
+    valid = torch.zeros(batch, seq, dtype=torch.bool)
+    for b, ex in enumerate(examples):
+        n = int(ex.input_ids.numel())
+        input_ids[b, :n] = ex.input_ids
+        target[b, :n] = ex.target_mask
+        valid[b, :n] = True
+    labels = torch.full_like(input_ids, pad_id)
+    labels[:, :-1] = input_ids[:, 1:]
+    loss_mask = torch.zeros(batch, seq, dtype=torch.float32)
+    loss_mask[:, :-1] = target[:, 1:].float()
+    pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
+    grids = [e.image_grid_thw for e in examples if e.image_grid_thw is not None]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "num_input_tokens": int(valid.sum()),
+        "pixel_values": torch.cat(pixels) if pixels else None,
+        "image_grid_thw": torch.cat(grids) if grids else None,
+    }
+
+
+def shard_for_dp(items: Sequence[Any], dp_rank: int, dp: int) -> list[Any]:
+    """This data-parallel rank's share of a global batch (contiguous blocks)."""
+    if len(items) % dp:
+        raise ValueError(f"global batch of {len(items)} does not split over dp={dp} ranks")
+    per = len(items) // dp
+    return list(items[dp_rank * per:(dp_rank + 1) * per])
+
+
+def _to_device(mb: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in mb.items()}
+
+
+class SFTTrainer:
+    """Runs SFT updates of one Megatron model (one pipeline chunk per rank).
+
+    Args:
+        ddp_model: the model wrapped by :func:`~sophiavl_mcore.trainer.optim.wrap_ddp`.
+        optimizer, scheduler: from :func:`~sophiavl_mcore.trainer.optim.build_optimizer`.
+        cfg: batch geometry; ``optim``: for the clip value.
+        pad_id: token id used for padding.
+        device: where micro-batches go (``ParallelInfo.device``).
+    """
+
+    def __init__(self, ddp_model: Any, optimizer: Any, scheduler: Any, cfg: SFTConfig,
+                 optim: OptimConfig, pad_id: int, device: torch.device) -> None:
+        from megatron.core import parallel_state
+
+        self.model = ddp_model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.cfg = cfg
+        self.optim = optim
+        self.pad_id = pad_id
+        self.device = device
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        cfg.check_dp(self.dp)
+        config = ddp_model.config
+        # Micro-batches are padded to their own length; the PP schedule then exchanges
+        # shapes before each p2p transfer instead of assuming one fixed length.
+        config.variable_seq_lengths = self.pp > 1
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def micro_batches(self, local: Sequence[SFTExample]) -> list[dict[str, Any]]:
+        """Split this DP rank's examples into collated micro-batches."""
+        mbs = self.cfg.micro_batch_size
+        return [collate(local[i:i + mbs], self.pad_id, self.cfg.pad_to_multiple_of)
+                for i in range(0, len(local), mbs)]
+
+    def _all_reduce_dp(self, values: list[float]) -> list[float]:
+        from megatron.core import parallel_state
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL: on GPU
+        if self.dp > 1:
+            torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        return t.tolist()
+
+    def _from_last_stage(self, values: list[float]) -> list[float]:
+        """Values known on the last pipeline stage, made known on every stage."""
+        from megatron.core import parallel_state
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL: on GPU
+        if self.pp > 1:
+            if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+                t.zero_()
+            torch.distributed.all_reduce(
+                t, group=parallel_state.get_pipeline_model_parallel_group())
+        return t.tolist()
+
+    def _placeholder(self) -> SFTExample:
+        """A fully masked example for a rank whose share is empty (every image skipped)."""
+        ids = torch.full((2,), self.pad_id, dtype=torch.long)
+        ex = SFTExample(ids, torch.tensor([False, True]), source="<placeholder>")
+        ex.target_mask = torch.zeros(2, dtype=torch.bool)  # contributes no loss, no tokens
+        return ex
+
+    # -- the step ------------------------------------------------------------------------
+
+    def run_batch(self, local: Sequence[SFTExample], forward_only: bool = False
+                  ) -> dict[str, float]:
+        """Forward (and backward unless ``forward_only``) of one global batch.
+
+        ``local``: this DP rank's examples (may be empty when every image was skipped).
+        Returns ``loss`` (global token-mean CE, nats), ``target_tokens`` and
+        ``input_tokens`` (global sums), identical on every rank. Gradients are left in
+        the DDP buffers (reduced over DP) for the optimizer.
+        """
+        if local:
+            return self.run_micro_batches(self.micro_batches(local), forward_only)
+        out = self.run_micro_batches(self.micro_batches([self._placeholder()]), forward_only)
+        return out
+
+    def run_micro_batches(self, mbs: Sequence[dict[str, Any]], forward_only: bool = False
+                          ) -> dict[str, float]:
+        """:meth:`run_batch` on already collated micro-batches (see :func:`collate`)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        local_targets = float(sum(float(mb["loss_mask"].sum()) for mb in mbs))
+        local_inputs = float(sum(mb["num_input_tokens"] for mb in mbs))
+        global_targets, global_inputs = self._all_reduce_dp([local_targets, local_inputs])
+        if global_targets <= 0:
+            raise ValueError("SFT batch without any target token on any data-parallel rank")
+        scale = len(mbs) * self.dp / global_targets
+
+        def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+            mb = _to_device(next(data_iterator), self.device)
+            output = model(mb["input_ids"], pixel_values=mb["pixel_values"],
+                           image_grid_thw=mb["image_grid_thw"], labels=mb["labels"])
+
+            def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+                token_sum = (per_token.float() * mb["loss_mask"]).sum()
+                return token_sum * scale, {"token_sum": token_sum.detach()}
+
+            return output, loss_func
+
+        if not forward_only:
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        store = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(mbs),
+            model=[self.model],
+            num_microbatches=len(mbs),
+            seq_length=max(mb["input_ids"].shape[1] for mb in mbs),
+            micro_batch_size=max(mb["input_ids"].shape[0] for mb in mbs),
+            forward_only=forward_only,
+        )
+        local_sum = float(sum(float(d["token_sum"]) for d in store)) if store else 0.0
+        (loss_sum,) = self._all_reduce_dp([local_sum])
+        (loss_sum,) = self._from_last_stage([loss_sum])
+        return {"loss": loss_sum / global_targets, "target_tokens": global_targets,
+                "input_tokens": global_inputs}
+
+    def step(self, local: Sequence[SFTExample]) -> dict[str, float]:
+        """One optimizer update on a global batch; ``local`` is this DP rank's share.
+
+        Returns ``train/loss`` (token-mean CE before the update, nats), ``train/grad_norm``
+        (global L2, before clipping), ``train/lr`` (used for this update),
+        ``train/target_tokens``, ``perf/tokens_per_s`` (non-padding input tokens of the
+        global batch per second of this step), ``perf/step_time_s``.
+        """
+        start = time.perf_counter()
+        out = self.run_batch(local)
+        result: StepResult = optimizer_step(self.optimizer, self.scheduler, self.optim.clip_grad)
+        elapsed = time.perf_counter() - start
+        return {
+            "train/loss": out["loss"],
+            "train/grad_norm": result.grad_norm,
+            "train/lr": result.lr,
+            "train/target_tokens": out["target_tokens"],
+            "train/update_ok": float(result.update_successful),
+            "perf/tokens_per_s": out["input_tokens"] / elapsed,
+            "perf/step_time_s": elapsed,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, local: Sequence[SFTExample]) -> float:
+        """Global token-mean loss of a batch without touching gradients or weights."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.run_batch(local, forward_only=True)["loss"]
+        finally:
+            self.model.train(was_training)
+
+
+# ------------------------------------------------------------------ model setup / export
+
+
+def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, info: Any,
+                    vocab_divisible_by: int = 1) -> dict[str, Any]:
+    """Fill this rank's Qwen2.5-VL stage from an HF checkpoint via the conversion plan.
+
+    Returns the checkpoint meta (layout, prefix, HF config) that
+    :func:`save_and_export` writes next to the trained shards.
+    """
+    from sophiavl_mcore.checkpoint import FORMAT, load_hf_into_model
+    from sophiavl_mcore.models.hf_config import load_config_json
+
+    view = model.checkpoint_module() if hasattr(model, "checkpoint_module") else model
+    plan = load_hf_into_model(
+        view, hf_dir, info.tp, info.pp, info.tp_rank, info.pp_rank,
+        layers_per_stage=list(info.layers_per_stage) if info.layers_per_stage else None,
+        vocab_divisible_by=vocab_divisible_by)
+    cfg = load_config_json(hf_dir)
+    return {
+        "format": FORMAT, "version": 1, "tp": info.tp, "pp": info.pp,
+        "layers_per_stage": plan.layers_per_stage, "te": plan.te, "hf_prefix": plan.hf_prefix,
+        "vocab_divisible_by": vocab_divisible_by, "vocab_padded": plan.vocab_padded,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "hf_config": cfg,
+    }
+
+
+# Files besides the weights that ``vllm serve`` needs to serve an exported checkpoint.
+SERVING_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+    "generation_config.json",
+)
+
+
+def save_and_export(model: torch.nn.Module, info: Any, meta: dict[str, Any], out_dir: str | Path,
+                    source_hf_dir: str | Path | None = None) -> tuple[Path, Path | None]:
+    """Save this rank's Megatron shard to ``out_dir/mcore``; rank 0 then exports HF.
+
+    Every rank must call it (it synchronises). The HF export (``out_dir/hf``) is merged
+    from the saved shards by :func:`sophiavl_mcore.checkpoint.convert_mcore_to_hf`, and
+    the tokenizer / processor / generation files are copied from ``source_hf_dir`` so
+    that ``vllm serve out_dir/hf`` works. Returns ``(mcore_dir, hf_dir or None)``.
+    """
+    import shutil
+
+    from sophiavl_mcore.checkpoint import convert_mcore_to_hf, save_mcore_shard
+
+    out = Path(out_dir)
+    mcore_dir, hf_dir = out / "mcore", out / "hf"
+    view = model.checkpoint_module() if hasattr(model, "checkpoint_module") else model
+    if info.dp_rank == 0:  # DP replicas hold identical weights
+        save_mcore_shard(view, mcore_dir, info.tp_rank, info.pp_rank,
+                         meta=meta if info.rank == 0 else None)
+    torch.distributed.barrier()
+    if info.rank != 0:
+        torch.distributed.barrier()
+        return mcore_dir, None
+    convert_mcore_to_hf(mcore_dir, hf_dir, progress=False)
+    if source_hf_dir is not None:
+        for name in SERVING_FILES:
+            src = Path(source_hf_dir) / name
+            if src.is_file():
+                shutil.copy2(src, hf_dir / name)
+    torch.distributed.barrier()
+    logger.info("saved Megatron shards to %s and the HF export to %s", mcore_dir, hf_dir)
+    return mcore_dir, hf_dir

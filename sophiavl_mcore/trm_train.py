@@ -1,0 +1,257 @@
+"""Fine-tune the Thinking Reward Model (TRM) by SFT on SophiaVL-R1-Thinking records.
+
+    torchrun --nproc-per-node 2 -m sophiavl_mcore.trm_train \
+        --config examples/configs/trm_sft_tiny.yaml model.hf_dir=/path/to/qwen2.5-vl \
+        data.path=/path/thinking.jsonl output_dir=runs/trm
+
+Same Megatron stack as GRPO (TP × PP × DP, Megatron optimizer, PP schedule). At the end
+the trained weights are saved as per-rank Megatron shards (``output_dir/mcore``) and
+exported to HF (``output_dir/hf``) with tokenizer and processor files, ready for
+``vllm serve output_dir/hf``. Metrics go to TensorBoard (``output_dir/tb``), a console
+line, and ``output_dir/metrics.jsonl`` (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from sophiavl_mcore.config import load_config, to_dict
+from sophiavl_mcore.data.images import ImageConfig
+from sophiavl_mcore.parallel import ParallelConfig
+from sophiavl_mcore.trainer.optim import OptimConfig
+from sophiavl_mcore.trainer.sft import SFTConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SFTModelConfig:
+    """The model to fine-tune (an HF Qwen2.5-VL checkpoint dir) and how to hold it."""
+
+    hf_dir: str = ""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    vocab_divisible_by: int = 1
+    freeze_vision: bool = False
+
+
+@dataclasses.dataclass
+class TRMDataConfig:
+    """SophiaVL-R1-Thinking records; ``image_root`` defaults to the file's directory."""
+
+    path: str = ""
+    image_root: str = ""
+    seed: int = 1234
+    shuffle: bool = True
+    max_reasoning_chars: int = 12000  # as the TRM client truncates at inference
+
+
+@dataclasses.dataclass
+class TRMTrainConfig:
+    """Everything ``trm_train`` reads; unknown keys are errors (see :mod:`sophiavl_mcore.config`)."""
+
+    model: SFTModelConfig = dataclasses.field(default_factory=SFTModelConfig)
+    data: TRMDataConfig = dataclasses.field(default_factory=TRMDataConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+    output_dir: str = ""
+    export_hf: bool = True
+
+    def __post_init__(self) -> None:
+        missing = [k for k, v in (("model.hf_dir", self.model.hf_dir), ("data.path", self.data.path),
+                                  ("output_dir", self.output_dir)) if not v]
+        if missing:
+            raise ValueError(f"trm_train: {', '.join(missing)} must be set")
+        from sophiavl_mcore.trainer.optim import check_schedule
+
+        check_schedule(self.optim, self.sft.train_steps)
+
+
+class RecordSampler:
+    """Deterministic epochs of shuffled record indices; the same order on every rank."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._make_order()
+            take = min(k - len(out), self.n - self.pos)
+            out.extend(int(i) for i in self._order[self.pos:self.pos + take])
+            self.pos += take
+        return out
+
+
+@dataclasses.dataclass
+class TRMRun:
+    """A built run: layout, model (this rank's stage), trainer, data."""
+
+    info: Any
+    model: torch.nn.Module
+    trainer: Any
+    builder: Any
+    records: list[Any]
+    thinking: Any
+    meta: dict[str, Any]
+
+
+def build_run(cfg: TRMTrainConfig) -> TRMRun:
+    """Validate data, init parallel state, build + load the model, optimizer, trainer."""
+    from transformers import AutoTokenizer
+
+    from sophiavl_mcore.models.hf_config import read_lm_dims
+    from sophiavl_mcore.models.qwen2_5_vl import VisionOptions, build_qwen2_5_vl
+    from sophiavl_mcore.parallel import initialize_parallel
+    from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
+    from sophiavl_mcore.trainer.optim import build_optimizer, check_backend, wrap_ddp
+    from sophiavl_mcore.trainer.sft import SFTTrainer, load_hf_weights
+    from sophiavl_mcore.trainer.sft_data import (
+        ExampleBuilder,
+        image_config_for,
+        load_thinking_records,
+    )
+
+    # Data, dimensions and settings are validated before any process group or model exists.
+    check_backend(cfg.optim)
+    records = load_thinking_records(cfg.data.path, cfg.data.image_root or None)
+    dims = read_lm_dims(cfg.model.hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+    builder = ExampleBuilder(tokenizer, image_config_for(cfg.model.hf_dir, cfg.image),
+                             cfg.sft.max_seq_len)
+    thinking = ThinkingRewardConfig(max_reasoning_chars=cfg.data.max_reasoning_chars)
+
+    info = initialize_parallel(cfg.parallel, num_layers=dims.num_layers, num_heads=dims.num_heads,
+                               num_query_groups=dims.num_kv_heads)
+    cfg.sft.check_dp(info.dp)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    model = build_qwen2_5_vl(cfg.model.hf_dir, info, dtype=dtype,
+                             vision=VisionOptions(freeze=cfg.model.freeze_vision),
+                             vocab_divisible_by=cfg.model.vocab_divisible_by)
+    meta = load_hf_weights(model, cfg.model.hf_dir, info, cfg.model.vocab_divisible_by)
+    ddp = wrap_ddp(model, cfg.optim)
+    optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.sft.train_steps)
+    trainer = SFTTrainer(ddp, optimizer, scheduler, cfg.sft, cfg.optim, builder.pad_id,
+                         info.device)
+    return TRMRun(info, model, trainer, builder, records, thinking, meta)
+
+
+def local_examples(run: TRMRun, record_ids: Sequence[int]) -> list[Any]:
+    """This DP rank's examples of the global batch ``record_ids``."""
+    from sophiavl_mcore.trainer.sft import shard_for_dp
+
+    mine = shard_for_dp([run.records[i] for i in record_ids], run.info.dp_rank, run.info.dp)
+    return run.builder.trm_examples(mine, run.thinking)
+
+
+def train(cfg: TRMTrainConfig) -> list[dict[str, float]]:
+    """Run TRM SFT, save + export; returns per-step metrics (identical on every rank).
+
+    After the last update the first global batch is evaluated again
+    (``train/final_loss_first_batch`` in the last entry): comparing it with the first
+    step's loss shows the fit, and an exported model must reproduce it.
+    """
+    from sophiavl_mcore.logging import MetricsWriter, console_line
+    from sophiavl_mcore.parallel import destroy_parallel
+    from sophiavl_mcore.trainer.sft import save_and_export
+
+    run = build_run(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = MetricsWriter(out / "tb", rank=run.info.rank)
+    history: list[dict[str, float]] = []
+    sampler = RecordSampler(len(run.records), cfg.data.seed, cfg.data.shuffle)
+    first_batch: list[int] = []
+    metrics_file = (out / "metrics.jsonl").open("w") if run.info.rank == 0 else None
+    for step in range(1, cfg.sft.train_steps + 1):
+        ids = sampler.next(cfg.sft.global_batch_size)
+        first_batch = first_batch or ids
+        metrics = run.trainer.step(local_examples(run, ids))
+        metrics.update(run.builder.metrics())
+        if step == cfg.sft.train_steps:
+            metrics["train/final_loss_first_batch"] = run.trainer.evaluate(
+                local_examples(run, first_batch))
+        history.append(metrics)
+        writer.log(step, metrics)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            metrics_file.flush()
+        if step % cfg.sft.log_every == 0 or step == cfg.sft.train_steps:
+            logger.info(console_line(step, metrics, ("train/loss", "train/grad_norm", "train/lr",
+                                                     "perf/tokens_per_s")))
+    if metrics_file is not None:
+        metrics_file.close()
+    writer.close()
+    if cfg.export_hf:
+        save_and_export(run.model, run.info, run.meta, out, source_hf_dir=cfg.model.hf_dir)
+    destroy_parallel(keep_process_group=True)
+    return history
+
+
+def dry_run(cfg: TRMTrainConfig) -> int:
+    """Validate config, records, model dimensions and layout without building anything.
+
+    The world size is ``WORLD_SIZE`` (torchrun) or tp × pp. Returns the DP size.
+    """
+    import os
+
+    from sophiavl_mcore.models.hf_config import read_lm_dims
+    from sophiavl_mcore.parallel import validate_layout
+    from sophiavl_mcore.trainer.optim import check_backend
+    from sophiavl_mcore.trainer.sft_data import load_thinking_records
+
+    check_backend(cfg.optim)
+    records = load_thinking_records(cfg.data.path, cfg.data.image_root or None)
+    dims = read_lm_dims(cfg.model.hf_dir)
+    world = int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp))
+    dp = validate_layout(cfg.parallel, world, dims.num_layers, dims.num_heads, dims.num_kv_heads)
+    cfg.sft.check_dp(dp)
+    logger.info("config OK (%d records; world=%d tp=%d pp=%d dp=%d):\n%s", len(records), world,
+                cfg.parallel.tp, cfg.parallel.pp, dp, json.dumps(to_dict(cfg), indent=1))
+    return dp
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sophiavl_mcore.logging import setup_logging
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML recipe")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and exit")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_config(args.config, args.overrides, cls=TRMTrainConfig)
+    if args.dry_run:
+        dry_run(cfg)
+        return 0
+    train(cfg)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _main_cli() -> Any:  # pragma: no cover - process entry
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    _main_cli()
