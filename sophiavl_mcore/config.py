@@ -25,6 +25,7 @@ from sophiavl_mcore.data.prompts import PromptConfig
 from sophiavl_mcore.data.records import DataConfig
 from sophiavl_mcore.parallel.layout import ParallelConfig
 from sophiavl_mcore.rewards.trust_grpo import TrustGRPOConfig
+from sophiavl_mcore.trainer.checkpointing import CheckpointConfig
 from sophiavl_mcore.trainer.loss import GRPOLossConfig
 from sophiavl_mcore.trainer.optim import OptimConfig
 
@@ -54,6 +55,7 @@ class Config:
     rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     seed: int = 1234
 
 

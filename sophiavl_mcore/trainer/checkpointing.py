@@ -1,0 +1,878 @@
+"""Training checkpoints: atomic per-rank save, exact resume, retention, HF export.
+
+A checkpoint is one directory under the run's checkpoint root::
+
+    <root>/step_00000010/
+        mp_rank_{tp:02d}_{pp:03d}/model.safetensors   this (TP, PP) rank's weights, written
+                                                      by DP rank 0 (replicas are identical):
+                                                      the layout of sophiavl_mcore.checkpoint
+        mp_rank_{tp:02d}_{pp:03d}/<name>.safetensors  further named models, if any
+        rank_state/tp{tp:02d}_pp{pp:03d}_dp{dp:03d}.pt every rank: optimizer, LR scheduler,
+                                                      RNG streams, module extra states
+                                                      (torch.save; loads with weights_only)
+        mcore_checkpoint.json, config.json            conversion meta (when given), so that
+                                                      ``convert_mcore_to_hf`` reads the dir
+        trainer_state.json                            step + the caller's ``extra_state``
+        manifest.json                                 layout, model config, every file with
+                                                      its size and sha256
+        COMPLETE                                      written last: step + manifest sha256
+    <root>/latest                                     name of the newest checkpoint
+
+Atomicity: every rank writes into ``step_XXXXXXXX.tmp-<nonce>/`` and fsyncs its files;
+after a collective (which is the barrier) rank 0 writes the manifest and ``COMPLETE``,
+fsyncs, renames the directory to ``step_XXXXXXXX`` (atomic on POSIX) and replaces
+``latest`` by write-temp + rename. A process killed at any point therefore leaves either
+no new ``step_`` directory or a complete one; stale ``.tmp-`` directories are ignored and
+removed by the next save / :meth:`CheckpointManager.load_latest`. ``latest`` is a
+convenience pointer: loading trusts only directories that carry ``COMPLETE``. The root
+must be on a filesystem every rank sees (one shared directory across nodes).
+
+Resume is exact: with the same layout, the next training step after
+:meth:`CheckpointManager.load_latest` is bit-identical to the one an uninterrupted run
+would take (weights, Adam moments and step counts, LR schedule position, python / numpy /
+torch CPU / CUDA generators and Megatron's model-parallel RNG tracker are restored).
+
+Corruption policy (``CheckpointConfig.on_corrupt``): a file of the newest checkpoint that
+is missing or whose size / sha256 differs from the manifest is an error naming the file
+(``"error"``, the default: silently training from an older state loses work unnoticed),
+or, with ``"fallback"``, a warning and the previous complete checkpoint is tried. A
+layout or model-config mismatch is always an error (it is not corruption).
+
+Distributed optimizer (ZeRO-1, GPU only): its per-DP-rank parameter state is saved with
+megatron-core's ``get_parameter_state_dp_reshardable`` (no gather) and restored with
+``load_parameter_state_from_dp_reshardable``. That path cannot run on CPU (mcore 0.16
+rejects CPU parameters), so it is untested here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from sophiavl_mcore.checkpoint import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+TRAIN_FORMAT = "sophiavl_mcore/training-checkpoint"
+MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+_STALE_RE = re.compile(r"^step_\d{8}\.(tmp|old)-[0-9a-f]+$")
+_HASH_CHUNK = 8 * 2**20
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file is missing or differs from its manifest (names the file)."""
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """The ``checkpoint`` section (the one source of its defaults).
+
+    Attributes:
+        dir: checkpoint root; empty disables checkpointing.
+        save_interval: save every this many optimizer steps (and always after the last
+            step); 0 saves only after the last step.
+        keep_last: complete checkpoints kept; older ones are deleted after each save.
+        resume: ``auto`` continues from the newest complete checkpoint when one exists,
+            ``never`` starts fresh, ``must`` fails when there is none.
+        on_corrupt: ``error`` (name the bad file and stop) or ``fallback`` (warn and
+            load the previous complete checkpoint).
+        checksum: ``sha256`` hashes every file at save and each rank's own files at
+            load; ``size`` only compares sizes (faster for very large checkpoints).
+        export_hf_dir: where the final policy is exported in HF format; empty skips it.
+    """
+
+    dir: str = ""
+    save_interval: int = 0
+    keep_last: int = 2
+    resume: Literal["auto", "never", "must"] = "auto"
+    on_corrupt: Literal["error", "fallback"] = "error"
+    checksum: Literal["sha256", "size"] = "sha256"
+    export_hf_dir: str = ""
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.save_interval < 0:
+            errors.append(f"save_interval={self.save_interval} must be >= 0 (0 = only at the end)")
+        if self.keep_last < 1:
+            errors.append(f"keep_last={self.keep_last} must be >= 1")
+        if self.resume not in ("auto", "never", "must"):
+            errors.append(f"resume={self.resume!r} must be one of auto, never, must")
+        if self.on_corrupt not in ("error", "fallback"):
+            errors.append(f"on_corrupt={self.on_corrupt!r} must be error or fallback")
+        if self.checksum not in ("sha256", "size"):
+            errors.append(f"checksum={self.checksum!r} must be sha256 or size")
+        if errors:
+            raise ValueError("checkpoint: " + "; ".join(errors))
+
+
+@dataclasses.dataclass(frozen=True)
+class RankLayout:
+    """Where this process sits in the TP × PP × DP grid (all 1/0 without distributed)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    rank: int = 0
+    world_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+
+    def sizes(self) -> dict[str, int]:
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "world_size": self.world_size}
+
+    @staticmethod
+    def describe(sizes: Mapping[str, int]) -> str:
+        return (f"tp={sizes.get('tp')} pp={sizes.get('pp')} dp={sizes.get('dp')} "
+                f"(world_size={sizes.get('world_size')})")
+
+
+def current_layout() -> RankLayout:
+    """The layout from Megatron ``parallel_state`` (or plain torch.distributed, or none)."""
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if dist else 0
+    world = torch.distributed.get_world_size() if dist else 1
+    # Only a process that imported Megatron can have its parallel state (importing it
+    # here would cost seconds for plain-torch users).
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
+        return RankLayout(
+            tp=ps.get_tensor_model_parallel_world_size(),
+            pp=ps.get_pipeline_model_parallel_world_size(),
+            dp=ps.get_data_parallel_world_size(), rank=rank, world_size=world,
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            dp_rank=ps.get_data_parallel_rank(),
+        )
+    return RankLayout(dp=world, rank=rank, world_size=world, dp_rank=rank)
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """What :meth:`CheckpointManager.load_latest` restored.
+
+    ``extra_state`` is the caller's dict as saved (JSON types); training continues with
+    step ``step + 1``.
+    """
+
+    step: int
+    path: Path
+    extra_state: dict[str, Any]
+
+
+# ------------------------------------------------------------------ collectives
+
+
+def _world() -> int:
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if dist else 1
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        torch.distributed.barrier()
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if _world() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if _world() == 1:
+        return [obj]
+    out: list[Any] = [None] * _world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------ filesystem
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's (or directory's) data and metadata to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so that readers see the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {value!r:.80} is not JSON-serialisable")
+
+
+def _step_dirs(root: Path) -> dict[int, Path]:
+    """Complete checkpoints under ``root`` by step (directories with ``COMPLETE``)."""
+    matches = [(_STEP_RE.match(p.name), p) for p in root.iterdir()] if root.is_dir() else []
+    return {int(m.group(1)): p for m, p in matches if m and (p / COMPLETE).is_file()}
+
+
+def _remove_stale(root: Path) -> list[str]:
+    """Delete leftovers of interrupted saves (``.tmp-`` / ``.old-`` dirs); rank 0 only."""
+    removed = [p.name for p in root.iterdir() if _STALE_RE.match(p.name)] if root.is_dir() else []
+    for name in removed:
+        shutil.rmtree(root / name, ignore_errors=True)
+    if removed:
+        logger.warning("removed %d interrupted checkpoint dir(s) in %s: %s", len(removed), root,
+                       removed)
+    return removed
+
+
+# ------------------------------------------------------------------ RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU (+ every CUDA device) generators and Megatron's tracker."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    tracker = _megatron_rng_tracker()
+    if tracker is not None:
+        state["megatron_tracker"] = tracker.get_states()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "megatron_tracker" in state:
+        tracker = _megatron_rng_tracker()
+        if tracker is None:
+            raise CheckpointError("the checkpoint holds Megatron RNG tracker states but this "
+                                  "process has no initialised tracker (initialize_parallel first)")
+        tracker.set_states({k: v.clone() for k, v in state["megatron_tracker"].items()})
+
+
+def _megatron_rng_tracker() -> Any:
+    mrandom = sys.modules.get("megatron.core.tensor_parallel.random")
+    if mrandom is None:
+        return None
+    tracker = getattr(mrandom, "_CUDA_RNG_STATE_TRACKER", None)
+    if getattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False) and tracker is not None \
+            and tracker.is_initialized():
+        return tracker
+    return None
+
+
+# ------------------------------------------------------------------ models / optimizer
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose ``state_dict`` names are the conversion plan's names."""
+    while type(model).__name__ in ("DistributedDataParallel", "Float16Module") \
+            and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.checkpoint_module() if hasattr(model, "checkpoint_module") else model
+
+
+def _named_models(models: torch.nn.Module | Mapping[str, torch.nn.Module]
+                  ) -> dict[str, torch.nn.Module]:
+    named = {"model": models} if isinstance(models, torch.nn.Module) else dict(models)
+    for name in named:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise ValueError(f"model name {name!r} must match [A-Za-z0-9_]+ (it becomes a file name)")
+    return {name: _unwrap(m) for name, m in named.items()}
+
+
+def _split_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, extra states) of ``module.state_dict()``; extra states only if tensors."""
+    tensors, extra = {}, {}
+    for k, v in module.state_dict().items():
+        if k.endswith("_extra_state"):
+            if isinstance(v, torch.Tensor):
+                extra[k] = v.detach().cpu().clone()
+        elif isinstance(v, torch.Tensor):
+            tensors[k] = v
+    return tensors, extra
+
+
+def _write_tensors(module: torch.nn.Module, path: Path) -> dict[str, Any]:
+    from sophiavl_mcore.checkpoint import StreamingWriter
+
+    tensors, extra = _split_state(module)
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    with StreamingWriter(path, specs) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    return extra
+
+
+def _read_tensors(module: torch.nn.Module, path: Path, extra: Mapping[str, Any]) -> None:
+    """Copy a shard into ``module`` in place (optimizer references stay valid)."""
+    from safetensors import safe_open
+
+    own, _ = _split_state(module)
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        missing, unexpected = sorted(set(own) - names), sorted(names - set(own))
+        bad = [f"{n}: file {list(f.get_slice(n).get_shape())} vs model {list(own[n].shape)}"
+               for n in sorted(names & set(own))
+               if tuple(f.get_slice(n).get_shape()) != tuple(own[n].shape)]
+        if missing or unexpected or bad:
+            raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}, shape mismatches {bad[:5]}")
+        with torch.no_grad():
+            for n in names:
+                own[n].copy_(f.get_tensor(n))
+    if extra:
+        module.load_state_dict(dict(extra), strict=False)
+
+
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _is_distributed_optimizer(opt: Any) -> bool:
+    return hasattr(opt, "get_parameter_state_dp_reshardable")
+
+
+def _optimizer_state(optimizer: Any) -> list[dict[str, Any]]:
+    out = []
+    for opt in _inner_optimizers(optimizer):
+        entry = {"state_dict": opt.state_dict()}
+        if _is_distributed_optimizer(opt):
+            entry["param_state"] = opt.get_parameter_state_dp_reshardable()
+        out.append(entry)
+    return out
+
+
+def _load_optimizer_state(optimizer: Any, saved: list[dict[str, Any]], where: Path) -> None:
+    inner = _inner_optimizers(optimizer)
+    if len(inner) != len(saved):
+        raise CheckpointError(f"{where}: holds {len(saved)} optimizer(s), this run has {len(inner)}")
+    for opt, entry in zip(inner, saved, strict=True):
+        opt.load_state_dict(entry["state_dict"])
+        if "param_state" in entry:
+            state = entry["param_state"]
+            for key, per_dtype in state.items():
+                if isinstance(key, int):  # buffers → dtype → buckets → params
+                    for buckets in per_dtype.values():
+                        for bucket in buckets:
+                            for elem in bucket:
+                                elem.setdefault("padding", False)
+            opt.load_parameter_state_from_dp_reshardable(state)
+
+
+def _model_config(models: Mapping[str, torch.nn.Module], model_meta: Mapping[str, Any] | None
+                  ) -> dict[str, Any]:
+    """What must match between the saving and the loading run (beside the layout)."""
+    cfg: dict[str, Any] = {}
+    if model_meta is not None and "hf_config" in model_meta:
+        cfg["hf_config"] = model_meta["hf_config"]
+    for name, m in models.items():
+        tc = getattr(m, "config", None)
+        fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                  "num_query_groups", "kv_channels", "params_dtype")
+        if tc is not None and all(hasattr(tc, f) for f in fields):
+            cfg[name] = {f: str(getattr(tc, f)) for f in fields}
+    return json.loads(json.dumps(cfg, default=_json_default))
+
+
+def _dict_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _dict_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: checkpoint {va!r} vs this run {vb!r}")
+    return out
+
+
+def conversion_meta(hf_dir: str | Path, tp: int, pp: int, *, layers_per_stage: list[int] | None = None,
+                    te: bool = False, vocab_divisible_by: int = 1, dtype: str = "float32",
+                    hf_prefix: str | None = None) -> dict[str, Any]:
+    """The ``mcore_checkpoint.json`` content for a model built from ``hf_dir`` at tp × pp.
+
+    Pass it as ``CheckpointManager(model_meta=...)`` so that every checkpoint is also a
+    valid Megatron checkpoint for :func:`sophiavl_mcore.checkpoint.convert_mcore_to_hf`.
+    """
+    from sophiavl_mcore.checkpoint import FORMAT, build_plan, default_hf_prefix, open_hf_dir
+    from sophiavl_mcore.models.hf_config import load_config_json, read_lm_dims
+
+    cfg = load_config_json(hf_dir)
+    if hf_prefix is None:
+        hf_prefix = default_hf_prefix(cfg, open_hf_dir(hf_dir).names())
+    plan = build_plan(read_lm_dims(cfg), tp, pp, layers_per_stage=layers_per_stage, te=te,
+                      hf_prefix=hf_prefix, vocab_divisible_by=vocab_divisible_by, config_json=cfg)
+    return {"format": FORMAT, "version": 1, "tp": tp, "pp": pp,
+            "layers_per_stage": plan.layers_per_stage, "te": te, "hf_prefix": hf_prefix,
+            "vocab_divisible_by": vocab_divisible_by, "vocab_padded": plan.vocab_padded,
+            "dtype": dtype, "hf_config": cfg}
+
+
+# ------------------------------------------------------------------ the manager
+
+
+def _rank_state_name(layout: RankLayout) -> str:
+    return f"rank_state/tp{layout.tp_rank:02d}_pp{layout.pp_rank:03d}_dp{layout.dp_rank:03d}.pt"
+
+
+def _model_file(layout: RankLayout, name: str) -> str:
+    return f"mp_rank_{layout.tp_rank:02d}_{layout.pp_rank:03d}/{name}.safetensors"
+
+
+class CheckpointManager:
+    """Save / resume training state under one root directory (see the module docstring).
+
+    Every rank constructs it with the same arguments and calls :meth:`save` and
+    :meth:`load_latest` collectively.
+
+    Args:
+        root: checkpoint root (shared by all ranks).
+        keep_last: complete checkpoints kept after each save.
+        save_interval: :meth:`should_save` is true every this many steps (0: only last).
+        on_corrupt: ``error`` or ``fallback`` (see the module docstring).
+        checksum: ``sha256`` or ``size``.
+        model_meta: conversion meta of the model named ``model`` (see
+            :func:`conversion_meta`); written as ``mcore_checkpoint.json`` + ``config.json``
+            so that checkpoints export to HF, and its HF config is checked at load.
+        on_file_written: called with each file's path once it is written and fsynced
+            (progress reporting; the kill-safety test pauses here).
+    """
+
+    def __init__(self, root: str | Path, keep_last: int = 2, save_interval: int = 0, *,
+                 on_corrupt: Literal["error", "fallback"] = "error",
+                 checksum: Literal["sha256", "size"] = "sha256",
+                 model_meta: Mapping[str, Any] | None = None,
+                 on_file_written: Callable[[Path], None] | None = None) -> None:
+        CheckpointConfig(dir=str(root), save_interval=save_interval, keep_last=keep_last,
+                         on_corrupt=on_corrupt, checksum=checksum)  # validates
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.save_interval = save_interval
+        self.on_corrupt = on_corrupt
+        self.checksum = checksum
+        self.model_meta = dict(model_meta) if model_meta is not None else None
+        self.on_file_written = on_file_written
+        self.resume_mode: Literal["auto", "never", "must"] = "auto"
+
+    @classmethod
+    def from_config(cls, cfg: CheckpointConfig, model_meta: Mapping[str, Any] | None = None
+                    ) -> CheckpointManager:
+        if not cfg.dir:
+            raise ValueError("checkpoint.dir is empty: checkpointing is disabled")
+        mgr = cls(cfg.dir, cfg.keep_last, cfg.save_interval, on_corrupt=cfg.on_corrupt,
+                  checksum=cfg.checksum, model_meta=model_meta)
+        mgr.resume_mode = cfg.resume
+        return mgr
+
+    def resume(self, models: torch.nn.Module | Mapping[str, torch.nn.Module], optimizer: Any = None,
+               scheduler: Any = None) -> LoadedCheckpoint | None:
+        """Start-of-run restore per ``resume_mode`` (``CheckpointConfig.resume``)."""
+        if self.resume_mode == "never":
+            return None
+        loaded = self.load_latest(models, optimizer, scheduler)
+        if loaded is None and self.resume_mode == "must":
+            raise CheckpointError(f"checkpoint.resume=must but {self.root} holds no complete "
+                                  "checkpoint")
+        return loaded
+
+    def should_save(self, step: int, total_steps: int | None = None) -> bool:
+        """True every ``save_interval`` steps and after the last step."""
+        return (self.save_interval > 0 and step % self.save_interval == 0) or step == total_steps
+
+    def complete_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending."""
+        return sorted(_step_dirs(self.root))
+
+    # -- save ----------------------------------------------------------------------------
+
+    def _record(self, tmp: Path, rel: str) -> tuple[str, dict[str, Any]]:
+        path = tmp / rel
+        _fsync_path(path)
+        info: dict[str, Any] = {"size": path.stat().st_size}
+        if self.checksum == "sha256":
+            info["sha256"] = _sha256(path)
+        if self.on_file_written is not None:
+            self.on_file_written(path)
+        return rel, info
+
+    def _write_rank_files(self, tmp: Path, layout: RankLayout, models: dict[str, torch.nn.Module],
+                          optimizer: Any, scheduler: Any) -> dict[str, dict[str, Any]]:
+        files: dict[str, dict[str, Any]] = {}
+        extras: dict[str, Any] = {}
+        for name, module in models.items():
+            if layout.dp_rank == 0:  # DP replicas hold identical weights
+                rel = _model_file(layout, name)
+                extras[name] = _write_tensors(module, tmp / rel)
+                files.update([self._record(tmp, rel)])
+            else:
+                extras[name] = _split_state(module)[1]
+        state = {
+            "optimizer": _optimizer_state(optimizer) if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": capture_rng_state(),
+            "model_extra_state": extras,
+        }
+        rel = _rank_state_name(layout)
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp / rel)
+        files.update([self._record(tmp, rel)])
+        return files
+
+    def save(self, step: int, models: torch.nn.Module | Mapping[str, torch.nn.Module],
+             optimizer: Any = None, scheduler: Any = None,
+             extra_state: Mapping[str, Any] | None = None) -> Path:
+        """Write checkpoint ``step`` atomically (collective: every rank calls it).
+
+        Args:
+            step: optimizer steps completed (the run continues with ``step + 1``).
+            models: this rank's model (named ``model``, the one exported to HF) or a
+                mapping name → model; DDP wrappers are unwrapped.
+            optimizer: Megatron optimizer (or any torch optimizer); scheduler likewise.
+            extra_state: JSON-serialisable run state, identical on every rank (data
+                sampler position, Trust-GRPO step/total steps, policy version, config
+                snapshot; dataclasses are converted). Saved by rank 0.
+
+        Returns:
+            The checkpoint directory ``root/step_XXXXXXXX``.
+        """
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
+        layout = current_layout()
+        named = _named_models(models)
+        try:
+            extra_json = json.dumps({"step": step, "extra_state": dict(extra_state or {})},
+                                    default=_json_default, indent=1)
+        except TypeError as err:
+            raise CheckpointError(f"extra_state for step {step} cannot be saved as JSON: {err}") from err
+        if layout.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _remove_stale(self.root)
+        nonce = _broadcast(secrets.token_hex(6) if layout.rank == 0 else None)
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f"{final.name}.tmp-{nonce}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            files, error = self._write_rank_files(tmp, layout, named, optimizer, scheduler), None
+        except Exception as err:  # reported on every rank instead of hanging the others
+            files, error = {}, f"rank {layout.rank}: {err!r}"
+        gathered = _all_gather((files, error))  # also the barrier: every rank's files are durable
+        errors = [e for _, e in gathered if e is not None]
+        if errors:
+            if layout.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"saving checkpoint step {step} to {tmp} failed: "
+                                  + "; ".join(errors))
+        if layout.rank == 0:
+            merged = {rel: info for part, _ in gathered for rel, info in part.items()}
+            self._finish(step, tmp, final, layout, named, merged, extra_json)
+        _barrier()  # nobody returns (or starts the next save) before the rename
+        return final
+
+    def _finish(self, step: int, tmp: Path, final: Path, layout: RankLayout,
+                named: dict[str, torch.nn.Module], files: dict[str, dict[str, Any]],
+                extra_json: str) -> None:
+        """Rank 0: shared files, manifest, COMPLETE, rename, ``latest``, retention."""
+        from sophiavl_mcore.checkpoint.convert import META_FILE
+
+        texts = {TRAINER_STATE: extra_json}
+        if self.model_meta is not None:
+            texts[META_FILE] = json.dumps(self.model_meta, indent=1)
+            texts["config.json"] = json.dumps(self.model_meta["hf_config"], indent=2)
+        for rel, text in texts.items():
+            (tmp / rel).write_text(text)
+            files.update([self._record(tmp, rel)])
+        manifest = {
+            "format": TRAIN_FORMAT, "version": 1, "step": step, "layout": layout.sizes(),
+            "model_config": _model_config(named, self.model_meta),
+            "models": sorted(named), "checksum": self.checksum,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "files": dict(sorted(files.items())),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_path(tmp / MANIFEST)
+        (tmp / COMPLETE).write_text(json.dumps({"step": step,
+                                                "manifest_sha256": _sha256(tmp / MANIFEST)}))
+        _fsync_path(tmp / COMPLETE)
+        for d in {(tmp / rel).parent for rel in files} | {tmp}:
+            _fsync_path(d)
+        old = None
+        if final.exists():  # re-saving a step (e.g. after falling back to an older one)
+            old = final.with_name(f"{final.name}.old-{secrets.token_hex(6)}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_path(self.root)
+        _atomic_write(self.root / LATEST, final.name + "\n")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._retain(step)
+        logger.info("saved checkpoint %s (%d files, %.1f MiB)", final, len(files),
+                    sum(f["size"] for f in files.values()) / 2**20)
+
+    def _retain(self, step: int) -> None:
+        steps = _step_dirs(self.root)
+        for s in sorted(steps):
+            if s > step:  # a newer checkpoint of an abandoned timeline would win at resume
+                logger.warning("removing %s: newer than the checkpoint just saved (step %d)",
+                               steps[s], step)
+                shutil.rmtree(steps[s], ignore_errors=True)
+        kept = [s for s in sorted(steps) if s <= step]
+        for s in kept[:-self.keep_last]:
+            shutil.rmtree(steps[s], ignore_errors=True)
+            logger.info("removed old checkpoint %s (keep_last=%d)", steps[s], self.keep_last)
+
+    # -- load ----------------------------------------------------------------------------
+
+    def _read_manifest(self, path: Path) -> dict[str, Any]:
+        marker, manifest_path = path / COMPLETE, path / MANIFEST
+        if not manifest_path.is_file():
+            raise CheckpointCorruptError(f"{manifest_path} is missing")
+        try:
+            recorded = json.loads(marker.read_text())["manifest_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointCorruptError(f"{marker} is unreadable: {err!r}") from err
+        digest = _sha256(manifest_path)
+        if recorded != digest:
+            raise CheckpointCorruptError(f"{manifest_path} is corrupted: sha256 {digest}, {marker} "
+                                         f"records {recorded}")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != TRAIN_FORMAT:
+            raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, "
+                                  f"expected {TRAIN_FORMAT!r}")
+        return manifest
+
+    def _check_compatible(self, path: Path, manifest: Mapping[str, Any], layout: RankLayout,
+                          named: dict[str, torch.nn.Module]) -> None:
+        saved = manifest["layout"]
+        if saved != layout.sizes():
+            raise CheckpointError(
+                f"checkpoint {path} was written with layout {RankLayout.describe(saved)}, this run "
+                f"has {RankLayout.describe(layout.sizes())}; resume needs the same layout "
+                "(to change it: export_hf the checkpoint, then convert_hf_to_mcore)")
+        if sorted(named) != manifest["models"]:
+            raise CheckpointError(f"checkpoint {path} holds models {manifest['models']}, this run "
+                                  f"passes {sorted(named)}")
+        diff = _dict_diff(manifest["model_config"], _model_config(named, self.model_meta))
+        if diff:
+            raise CheckpointError(f"checkpoint {path} was written for another model config: "
+                                  + "; ".join(diff[:10]))
+
+    def _verify(self, path: Path, manifest: Mapping[str, Any], mine: list[str], rank: int
+                ) -> list[str]:
+        """Problems with this rank's files (rank 0: every file's presence and size too)."""
+        files = manifest["files"]
+        problems = []
+        for rel in files if rank == 0 else mine:
+            p, want = path / rel, files.get(rel)
+            if want is None:
+                problems.append(f"{p} is not listed in {path / MANIFEST}")
+            elif not p.is_file():
+                problems.append(f"{p} is missing")
+            elif p.stat().st_size != want["size"]:
+                problems.append(f"{p} has {p.stat().st_size} bytes, the manifest records "
+                                f"{want['size']}")
+            elif rel in mine and "sha256" in want and _sha256(p) != want["sha256"]:
+                problems.append(f"{p} is corrupted (sha256 differs from the manifest)")
+        return problems
+
+    def load(self, path: str | Path, models: torch.nn.Module | Mapping[str, torch.nn.Module],
+             optimizer: Any = None, scheduler: Any = None, *, restore_rng: bool = True
+             ) -> LoadedCheckpoint:
+        """Restore one checkpoint directory (collective). Raises :class:`CheckpointError`."""
+        path = Path(path)
+        layout = current_layout()
+        named = _named_models(models)
+        manifest = self._read_manifest(path)
+        self._check_compatible(path, manifest, layout, named)
+        mine = [_model_file(RankLayout(tp_rank=layout.tp_rank, pp_rank=layout.pp_rank), n)
+                for n in named] + [_rank_state_name(layout), TRAINER_STATE]
+        problems = [p for part in _all_gather(self._verify(path, manifest, mine, layout.rank))
+                    for p in part]
+        if problems:
+            raise CheckpointCorruptError(f"checkpoint {path} is damaged: " + "; ".join(sorted(set(problems))[:10]))
+        state = torch.load(path / _rank_state_name(layout), map_location="cpu", weights_only=True)
+        for name, module in named.items():
+            _read_tensors(module, path / mine[list(named).index(name)],
+                          state["model_extra_state"].get(name, {}))
+        if optimizer is not None:
+            if state["optimizer"] is None:
+                raise CheckpointError(f"{path / _rank_state_name(layout)} holds no optimizer state")
+            _load_optimizer_state(optimizer, state["optimizer"], path / _rank_state_name(layout))
+        if scheduler is not None:
+            if state["scheduler"] is None:
+                raise CheckpointError(f"{path / _rank_state_name(layout)} holds no scheduler state")
+            scheduler.load_state_dict(state["scheduler"])
+        if restore_rng:
+            restore_rng_state(state["rng"])
+        trainer = json.loads((path / TRAINER_STATE).read_text())
+        _barrier()
+        if layout.rank == 0:
+            logger.info("resumed from %s (step %d)", path, trainer["step"])
+        return LoadedCheckpoint(int(trainer["step"]), path, trainer["extra_state"])
+
+    def load_latest(self, models: torch.nn.Module | Mapping[str, torch.nn.Module],
+                    optimizer: Any = None, scheduler: Any = None, *, restore_rng: bool = True
+                    ) -> LoadedCheckpoint | None:
+        """Restore the newest complete checkpoint; ``None`` when there is none.
+
+        Leftovers of interrupted saves are removed first. A damaged newest checkpoint
+        raises (``on_corrupt="error"``) or is skipped with a warning (``"fallback"``).
+        """
+        rank = current_layout().rank
+        if rank == 0:
+            _remove_stale(self.root)
+        steps = _broadcast(self.complete_steps() if rank == 0 else None)
+        pointer = self.root / LATEST
+        if rank == 0 and steps and pointer.is_file() \
+                and pointer.read_text().strip() != f"step_{steps[-1]:08d}":
+            logger.warning("%s names %s but the newest complete checkpoint is step_%08d",
+                           pointer, pointer.read_text().strip(), steps[-1])
+        for i, step in enumerate(reversed(steps)):
+            path = self.root / f"step_{step:08d}"
+            try:
+                return self.load(path, models, optimizer, scheduler, restore_rng=restore_rng)
+            except CheckpointCorruptError as err:
+                if self.on_corrupt != "fallback" or i == len(steps) - 1:
+                    raise
+                if rank == 0:
+                    logger.warning("skipping damaged checkpoint (on_corrupt=fallback): %s", err)
+        return None
+
+
+# ------------------------------------------------------------------ HF export
+
+
+def _copy_serving_files(source_hf_dir: str | Path | None, out: Path) -> None:
+    from sophiavl_mcore.trainer.sft import SERVING_FILES
+
+    if source_hf_dir is None:
+        return
+    for name in SERVING_FILES:
+        src = Path(source_hf_dir) / name
+        if src.is_file():
+            shutil.copy2(src, out / name)
+
+
+def _convert_into(mcore_dir: Path, out_dir: Path, source_hf_dir: str | Path | None) -> None:
+    """convert_mcore_to_hf into a temp dir + serving files, then rename into place."""
+    from sophiavl_mcore.checkpoint import convert_mcore_to_hf
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        convert_mcore_to_hf(mcore_dir, tmp, progress=False)
+        _copy_serving_files(source_hf_dir, tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_hf(source: str | Path | torch.nn.Module, out_dir: str | Path, *,
+              source_hf_dir: str | Path | None = None,
+              model_meta: Mapping[str, Any] | None = None) -> Path:
+    """Write the policy as an HF checkpoint dir (config.json + safetensors + tokenizer).
+
+    Args:
+        source: a checkpoint directory (``step_XXXXXXXX``; a root means its newest
+            complete checkpoint) — call on one process; or this rank's live model —
+            collective, every rank calls it, each DP-rank-0 writes its shard, rank 0
+            merges the shards.
+        out_dir: the HF directory to create (replaced if it exists; written via a temp
+            dir + rename).
+        source_hf_dir: HF dir whose tokenizer / processor / generation files are copied
+            (so that ``vllm serve`` and ``transformers`` load the result).
+        model_meta: conversion meta (:func:`conversion_meta`); needed for a live model.
+
+    Returns:
+        ``out_dir``.
+    """
+    from sophiavl_mcore.checkpoint.convert import META_FILE
+
+    out_dir = Path(out_dir)
+    if not isinstance(source, torch.nn.Module):
+        src = Path(source)
+        steps = _step_dirs(src)
+        if steps:
+            src = steps[max(steps)]
+        if not (src / META_FILE).is_file():
+            raise CheckpointError(
+                f"{src / META_FILE} is missing: the checkpoint was saved without model_meta "
+                "(pass CheckpointManager(model_meta=conversion_meta(...)))")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _convert_into(src, out_dir, source_hf_dir)
+        return out_dir
+    if model_meta is None:
+        raise ValueError("export_hf of a live model needs model_meta (see conversion_meta)")
+    layout = current_layout()
+    if (model_meta["tp"], model_meta["pp"]) != (layout.tp, layout.pp):
+        raise ValueError(f"export_hf: model_meta is for tp={model_meta['tp']} pp={model_meta['pp']}, "
+                         f"the live model has tp={layout.tp} pp={layout.pp}")
+    nonce = _broadcast(secrets.token_hex(4) if layout.rank == 0 else None)
+    staging = out_dir.with_name(f".{out_dir.name}.mcore-{nonce}")
+    try:
+        if layout.dp_rank == 0:
+            _write_tensors(_unwrap(source), staging / _model_file(layout, "model"))
+        if layout.rank == 0:
+            (staging / META_FILE).write_text(json.dumps(dict(model_meta), indent=1))
+        _barrier()
+        if layout.rank == 0:
+            _convert_into(staging, out_dir, source_hf_dir)
+        _barrier()
+    finally:
+        if layout.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
