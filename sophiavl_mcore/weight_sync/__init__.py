@@ -1,0 +1,24 @@
+"""Weight sync: the trainer's Megatron weights (TP shards, PP stages) → the rollout engine.
+
+Public API::
+
+    WeightSync (interface: sync(version) -> SyncReport, policy_version)
+    WeightSyncConfig, WeightSyncError, SyncReport
+    MegatronWeightSync(model, hf_config, engine, cfg)   (gloo/NCCL point-to-point + buckets)
+    vllm_engine: release_engine_default_group, close_colocated_engine, VllmReadBack
+
+``MegatronWeightSync`` imports Megatron lazily, so importing this package is cheap.
+"""
+
+from sophiavl_mcore.weight_sync.config import WeightSyncConfig
+from sophiavl_mcore.weight_sync.interface import SyncReport, WeightSync, WeightSyncError
+
+__all__ = ["MegatronWeightSync", "SyncReport", "WeightSync", "WeightSyncConfig", "WeightSyncError"]
+
+
+def __getattr__(name: str):
+    if name == "MegatronWeightSync":
+        from sophiavl_mcore.weight_sync.megatron_sync import MegatronWeightSync
+
+        return MegatronWeightSync
+    raise AttributeError(name)

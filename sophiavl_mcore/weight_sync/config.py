@@ -1,0 +1,40 @@
+"""Typed configuration of the weight sync (the single source of its defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class WeightSyncConfig:
+    """How trainer weights reach the rollout engine.
+
+    Attributes:
+        bucket_bytes: upper bound (bytes) on the weights gathered and in flight at once;
+            a single tensor larger than this travels alone in its own bucket.
+        engine_rank: global rank whose process holds the colocated engine (CPU mode:
+            the engine lives in one trainer process, rank 0 by default).
+        require_complete: every tensor the engine expects must be sent; ``False``
+            allows partial syncs (e.g. a frozen vision tower that never changes).
+        debug_compare: after each sync, read the weights back from the engine and
+            compare them with the trainer's (costs a second gather; for debugging).
+        debug_atol: largest allowed |engine - trainer| after casting the trainer's
+            tensor to the engine's dtype (0 = bit-exact).
+    """
+
+    bucket_bytes: int = 512 * 2**20
+    engine_rank: int = 0
+    require_complete: bool = True
+    debug_compare: bool = False
+    debug_atol: float = 0.0
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.bucket_bytes < 2**20:
+            errors.append(f"bucket_bytes={self.bucket_bytes} must be >= 1 MiB (1048576)")
+        if self.engine_rank < 0:
+            errors.append(f"engine_rank={self.engine_rank} must be >= 0")
+        if self.debug_atol < 0:
+            errors.append(f"debug_atol={self.debug_atol} must be >= 0")
+        if errors:
+            raise ValueError("weight_sync: " + "; ".join(errors))

@@ -1,0 +1,244 @@
+"""Per-rank bodies of the weight-sync tests (run inside ``EngineWorld`` ranks).
+
+Each case builds a randomly initialised Megatron model (weights unlike the engine's
+checkpoint), syncs it into the session's engine (rank 0), and returns plain numbers:
+vLLM's prompt log-probs (rank 0) and Megatron's on the same tokens (last stage).
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TEXT_IDS = [3, 17, 250, 9, 411, 88, 123, 600, 42, 7, 300, 5, 61, 700, 12, 99]
+IMAGE_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                "What is in the picture?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _setup(tp: int, pp: int, num_layers: int, heads: int, groups: int):
+    from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+
+    destroy_parallel(keep_process_group=True)
+    return initialize_parallel(ParallelConfig(tp=tp, pp=pp, timeout_minutes=3),
+                               num_layers=num_layers, num_heads=heads, num_query_groups=groups)
+
+
+def _dims(model_dir: Path):
+    from sophiavl_mcore.models import read_lm_dims
+
+    d = read_lm_dims(model_dir)
+    return d.num_layers, d.num_heads, d.num_kv_heads
+
+
+def _perturb(model: torch.nn.Module, tp_rank: int, seed: int) -> None:
+    """Random biases/norms (Megatron inits them to 0/1). TP-sharded qkv biases get a
+    per-rank stream; replicated tensors the same stream on every TP rank."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                sharded = "linear_qkv.bias" in name
+                g = torch.Generator().manual_seed(seed + zlib.crc32(name.encode())
+                                                  + (7919 * tp_rank if sharded else 0))
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def build_lm(model_dir: Path, info, seed: int, config_dir: Path | None = None):
+    """A random Megatron Qwen2.5 LM (plain RoPE) with the engine's LM dimensions."""
+    from sophiavl_mcore.models import build_qwen2_lm
+
+    torch.manual_seed(seed)
+    model = build_qwen2_lm(config_dir or model_dir, info, init_method_std=0.08)
+    _perturb(model, info.tp_rank, seed)
+    return model
+
+
+def _schedule(model, forward_step, seq: int, forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
+        num_microbatches=1, seq_length=seq, micro_batch_size=1, forward_only=forward_only,
+    )
+
+
+def megatron_logprobs(model, info, ids: list[int], vocab: int, extra: dict | None = None,
+                      train_lr: float = 0.0) -> np.ndarray | None:
+    """Prompt log-probs [S-1] on the last stage (None elsewhere); with ``train_lr`` > 0,
+    instead take one SGD step on their negative mean (every stage)."""
+    from megatron.core import tensor_parallel
+
+    tokens = torch.tensor([ids])
+    seq = tokens.shape[1]
+    train = train_lr > 0
+
+    def forward_step(_it, m):
+        if extra is not None:
+            out = m(tokens, **extra)
+        else:
+            out = m(tokens, torch.arange(seq)[None], None)
+
+        def loss_func(logits):
+            full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., :vocab]
+            lp = torch.log_softmax(full.float(), -1)[0, :-1].gather(1, tokens[0, 1:, None])[:, 0]
+            return -lp.mean(), {"lp": lp.detach()}
+
+        return out, loss_func
+
+    if train:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        _schedule(model, forward_step, seq, forward_only=False)
+        if extra is not None and getattr(model, "visual", None) is not None:
+            model.allreduce_vision_grads()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-train_lr)
+        return None
+    model.eval()
+    with torch.no_grad():
+        out = _schedule(model, forward_step, seq, forward_only=True)
+    return out[0]["lp"].numpy() if info.is_last_stage else None
+
+
+def vllm_logprobs(engine, prompt: dict[str, Any]) -> tuple[list[int], np.ndarray]:
+    """vLLM's prompt log-probs of the actual prompt tokens (positions 1..S-1)."""
+    from vllm import SamplingParams
+
+    out = engine.llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0,
+                                                       temperature=1.0), use_tqdm=False)[0]
+    ids = list(out.prompt_token_ids)
+    lps = [entry[tok].logprob for tok, entry in zip(ids[1:], out.prompt_logprobs[1:], strict=True)]
+    return ids, np.asarray(lps, dtype=np.float64)
+
+
+def _sync_cfg(**kw):
+    from sophiavl_mcore.weight_sync import WeightSyncConfig
+
+    # 256 KiB-ish buckets: several buckets even for the tiny model (min is 1 MiB; the
+    # tiny model is ~12 MB in float32, so 1 MiB still gives a dozen buckets).
+    return WeightSyncConfig(bucket_bytes=kw.pop("bucket_bytes", 2**20), **kw)
+
+
+def _report(r) -> dict:
+    return {"version": r.policy_version, "tensors": r.num_tensors, "buckets": r.num_buckets,
+            "bytes": r.bytes_loaded, "sent": r.bytes_sent, "rss": r.peak_rss_delta_bytes,
+            "debug": r.debug_max_abs_diff, "seconds": r.seconds}
+
+
+# ---------------------------------------------------------------------- cases
+
+
+def text_case(rank: int, ctx: dict, model_dir: str, tp: int, pp: int, seed: int,
+              step: bool) -> dict:
+    """Sync a random LM at (tp, pp); compare; optionally SGD step + sync + compare."""
+    from sophiavl_mcore.weight_sync import MegatronWeightSync
+
+    model_dir = Path(model_dir)
+    info = _setup(tp, pp, *_dims(model_dir))
+    engine = ctx.get("engine")
+    vocab = _vocab(model_dir)
+    res: dict[str, Any] = {"rank": rank, "last_stage": info.is_last_stage}
+    if engine is not None:
+        res["version_before"] = engine.policy_version
+        res["vllm_before"] = vllm_logprobs(engine, {"prompt_token_ids": TEXT_IDS})[1]
+    model = build_lm(model_dir, info, seed)
+    sync = MegatronWeightSync(model, model_dir, engine,
+                              _sync_cfg(require_complete=False, debug_compare=True))
+    res["mcore"] = megatron_logprobs(model, info, TEXT_IDS, vocab)
+    res["report"] = _report(sync.sync())
+    if engine is not None:
+        res["vllm"] = vllm_logprobs(engine, {"prompt_token_ids": TEXT_IDS})[1]
+        res["engine_version"] = engine.policy_version
+    if step:
+        megatron_logprobs(model, info, TEXT_IDS, vocab, train_lr=0.5)
+        res["mcore_step"] = megatron_logprobs(model, info, TEXT_IDS, vocab)
+        res["report_step"] = _report(sync.sync(version=100))
+        if engine is not None:
+            res["vllm_step"] = vllm_logprobs(engine, {"prompt_token_ids": TEXT_IDS})[1]
+    res["policy_version"] = sync.policy_version
+    return res
+
+
+def vl_case(rank: int, ctx: dict, model_dir: str, tp: int, pp: int, seed: int) -> dict:
+    """Sync a random Qwen2.5-VL (vision tower + M-RoPE LM); compare with an image."""
+    from transformers import AutoProcessor
+
+    from sophiavl_mcore.models.qwen2_5_vl import VisionOptions, build_qwen2_5_vl
+    from sophiavl_mcore.testing.tiny_models import make_test_image
+    from sophiavl_mcore.weight_sync import MegatronWeightSync
+
+    model_dir = Path(model_dir)
+    info = _setup(tp, pp, *_dims(model_dir))
+    engine = ctx.get("engine")
+    image = make_test_image(seed=3, size=(56, 84))
+    proc = AutoProcessor.from_pretrained(str(model_dir))
+    batch = proc(text=[IMAGE_PROMPT], images=[image], return_tensors="pt")
+    ids = batch["input_ids"][0].tolist()
+    torch.manual_seed(seed)
+    model = build_qwen2_5_vl(model_dir, info, vision=VisionOptions(init_seed=seed),
+                             init_method_std=0.08)
+    _perturb(model, info.tp_rank, seed)
+    res: dict[str, Any] = {"rank": rank, "last_stage": info.is_last_stage, "ids": ids}
+    prompt = {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image}}
+    if engine is not None:
+        res["vllm_before"] = vllm_logprobs(engine, prompt)[1]
+    sync = MegatronWeightSync(model, model_dir, engine, _sync_cfg(debug_compare=True))
+    res["report"] = _report(sync.sync())
+    extra = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+    res["mcore"] = megatron_logprobs(model, info, ids, _vocab(model_dir), extra=extra)
+    if engine is not None:
+        res["vllm_ids"], res["vllm"] = vllm_logprobs(engine, prompt)
+    return res
+
+
+def failing_case(rank: int, ctx: dict, model_dir: str, bad_config_dir: str, seed: int) -> dict:
+    """Two refused syncs (renamed tensor late in the stream; wrong FFN width): the
+    engine must keep its outputs and its policy version."""
+    import dataclasses
+
+    from sophiavl_mcore.weight_sync import MegatronWeightSync, WeightSyncError
+
+    model_dir = Path(model_dir)
+    info = _setup(2, 1, *_dims(model_dir))
+    engine = ctx.get("engine")
+    res: dict[str, Any] = {"rank": rank, "errors": []}
+    if engine is not None:
+        res["version_before"] = engine.policy_version
+        res["vllm_before"] = vllm_logprobs(engine, {"prompt_token_ids": TEXT_IDS})[1]
+
+    # 1. bad name: the last layer's down_proj renamed (all earlier tensors are fine)
+    model = build_lm(model_dir, info, seed)
+    good = MegatronWeightSync(model, model_dir, engine, _sync_cfg(require_complete=False))
+    rules = list(good.plan.rules)
+    last = max(i for i, r in enumerate(rules) if r.mcore.endswith("mlp.linear_fc2.weight"))
+    rules[last] = dataclasses.replace(rules[last], hf=(rules[last].hf[0].replace("down_proj", "down_prj"),))
+    res["renamed"] = rules[last].hf[0]
+    sync = MegatronWeightSync(model, model_dir, engine, _sync_cfg(require_complete=False),
+                              plan=dataclasses.replace(good.plan, rules=rules))
+    try:
+        sync.sync()
+    except WeightSyncError as err:
+        res["errors"].append(str(err))
+
+    # 2. shape mismatch: a trainer model with a wider FFN than the engine's
+    wide = build_lm(model_dir, info, seed, config_dir=Path(bad_config_dir))
+    sync = MegatronWeightSync(wide, bad_config_dir, engine, _sync_cfg(require_complete=False))
+    try:
+        sync.sync()
+    except WeightSyncError as err:
+        res["errors"].append(str(err))
+    if engine is not None:
+        res["version_after"] = engine.policy_version
+        res["vllm_after"] = vllm_logprobs(engine, {"prompt_token_ids": TEXT_IDS})[1]
+    return res
+
+
+def _vocab(model_dir: Path) -> int:
+    from sophiavl_mcore.models import read_lm_dims
+
+    return read_lm_dims(model_dir).vocab_size
