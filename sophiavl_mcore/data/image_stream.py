@@ -51,7 +51,7 @@ class _BatchSource:
         for path in self.batches[info.iteration]:
             try:
                 item = prepare_image(path, self.cfg)
-                data.append(item.data)
+                data.append(item.encoded())
                 sizes.append(np.array(item.target, np.float32))
                 codes.append(np.array([0, len(item.converted)], np.int32))
                 messages.append(item.converted)

@@ -7,9 +7,9 @@ Per image (all sizes in pixels, ``H×W``)::
     min/max pixels) ─┬► uint8 [H', W', 3]                      → vLLM (already at its
                      │                                          final size, so vLLM's own
                      │                                          resize is the identity)
-                     └► CLIP mean/std normalise, float32 [3, H', W']
-                        ─► patchify → pixel_values [H'/14 · W'/14, 3·2·14·14]
-                                      image_grid_thw (1, H'/14, W'/14)   → Megatron policy
+                     └► CLIP mean/std normalise + patchify, fused, straight into
+                        the batch's pixel_values [Σ H'/14 · W'/14, 3·2·14·14]
+                        image_grid_thw (1, H'/14, W'/14)                 → Megatron policy
 
 Images differ in size, so the pipeline is run directly (``Pipeline.run``) and its
 outputs are read sample by sample; DALI's torch iterator, which needs one shape per
@@ -27,8 +27,8 @@ the header) sorts each file into:
   ``max_aspect_ratio``, 200 as in Qwen2.5-VL), ``decode_error`` (DALI could not
   decode it; found by re-running a failed batch one sample at a time so the other
   samples of the batch survive);
-- **converted** by PIL before DALI (then passed on as a raw PPM, so DALI's decode is a
-  copy): images with transparency (RGBA, LA, palette with a transparent colour) are
+- **converted** by PIL instead of DALI (the loader resizes PIL's pixels directly; the
+  stream's worker processes pass them to DALI as a raw PPM, whose decode is a copy): images with transparency (RGBA, LA, palette with a transparent colour) are
   composited on white — dropping alpha, as ``convert("RGB")`` does, turns transparent
   backgrounds black and hides black strokes; GIF and other animated formats use their
   first frame; palette, 1-bit and 32-bit modes are converted to RGB;
@@ -44,7 +44,15 @@ default is torch's uint8 antialiased bicubic kernel after DALI's decode: DALI's 
 resampler measured ~9× slower than it here, and it is bit-identical to what
 transformers' (fast) Qwen2-VL processor — the one vLLM runs — computes.
 ``resize_backend="dali"`` keeps the whole path in DALI (mean abs diff to transformers
-≈ 0.003). File preparation runs in threads here; :mod:`.image_stream` moves it to
+≈ 0.003). The resize writes straight into the HWC array (no layout copy).
+
+Normalise + patchify on CPU is one C++ call per batch (``_C.normalize_patchify_batch``:
+one pass over the pixels, a lookup table per channel, the temporal copy stored from the
+values just computed, OpenMP, GIL released) into one ``pixel_values`` buffer allocated
+from the grids; :func:`normalize_patchify_into` (torch) is its reference and the GPU
+path. That buffer comes from a :class:`PatchBufferPool`: huge-page mappings recycled once
+a batch is dropped, because first-touch page faults on hundreds of MB cost more than
+the normalisation (see bench/bench_images.py). File preparation runs in threads here; :mod:`.image_stream` moves it to
 DALI's parallel external source workers when the upcoming requests are known.
 """
 
@@ -54,7 +62,10 @@ import dataclasses
 import io
 import logging
 import math
+import mmap
 import os
+import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +74,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sophiavl_mcore import _C
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +121,9 @@ class ImageConfig:
     # the kernel transformers' fast processor uses); "auto": DALI on GPU, torch on CPU,
     # where DALI's CPU resampler is several times slower (see bench/bench_images.py).
     resize_backend: Literal["auto", "dali", "torch"] = "auto"
+    # CPU pixel_values buffers kept for reuse once their batch is dropped (0: a fresh
+    # mapping per batch); see PatchBufferPool.
+    reuse_buffers: int = 2
 
     @property
     def factor(self) -> int:
@@ -126,6 +142,8 @@ class ImageConfig:
             )
         if self.max_aspect_ratio < 1:
             raise ValueError(f"image.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+        if self.reuse_buffers < 0:
+            raise ValueError(f"image.reuse_buffers must be >= 0, got {self.reuse_buffers}")
         if min(self.batch_size, self.num_threads, self.prepare_workers, self.min_side) < 1:
             raise ValueError(
                 f"image: batch_size={self.batch_size}, num_threads={self.num_threads}, "
@@ -214,18 +232,121 @@ def normalize_patchify_into(rgb: torch.Tensor, out: torch.Tensor, cfg: ImageConf
     out.view(gh // m, gw // m, m, m, 3, t, p, p).copy_(x.expand(-1, -1, -1, -1, -1, t, -1, -1))
 
 
+def normalize_patchify_cpu(rgb: np.ndarray, out: np.ndarray | None, cfg: ImageConfig) -> np.ndarray:
+    """C++ twin of :func:`normalize_patchify_into` (``_C.normalize_patchify``): uint8
+    ``[H, W, 3]`` (C-contiguous) → float32 ``[H/p · W/p, 3·T·p·p]``, written into ``out``
+    when given, in one pass over the pixels (OpenMP threads, GIL released). Returns it."""
+    return _C.normalize_patchify(
+        rgb, cfg.image_mean, cfg.image_std, cfg.patch_size, cfg.temporal_patch_size,
+        cfg.merge_size, out,
+    )
+
+
+def normalize_patchify_batch_cpu(
+    images: list[np.ndarray], out: np.ndarray | None, cfg: ImageConfig,
+) -> np.ndarray:
+    """:func:`normalize_patchify_cpu` of every image, their rows one after the other in
+    ``out`` float32 ``[Σ H/p · W/p, 3·T·p·p]``; one parallel loop over all of them."""
+    return _C.normalize_patchify_batch(
+        images, cfg.image_mean, cfg.image_std, cfg.patch_size, cfg.temporal_patch_size,
+        cfg.merge_size, out,
+    )
+
+
+def _huge_page_mapping(nbytes: int) -> mmap.mmap:
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # THP disabled or unsupported: ordinary pages still work
+            pass
+    return buf
+
+
+class PatchBufferPool:
+    """CPU memory for the batches' ``pixel_values``, recycled once a batch is dropped.
+
+    A batch's patches are hundreds of MB written once. Fresh memory costs a page fault
+    per page on first touch, with the kernel zeroing each page: on a 700 MB batch that
+    measured 0.3–1.5 s here against ~0.05 s for writing memory already mapped, i.e. more
+    than the normalisation itself. So buffers are anonymous mappings advised for
+    transparent huge pages (512× fewer faults), sized with headroom (untouched pages
+    cost no memory), and reused: a buffer is free again when no tensor views it any
+    more, which its reference count tells (``torch.frombuffer`` holds a reference to
+    the mapping for as long as any view of the storage lives).
+
+    ``max_buffers`` bounds how many mappings the pool remembers; 0 disables reuse
+    (a fresh huge-page mapping per batch).
+    """
+
+    _HEADROOM = 1.5
+    _ALIGN = 2 << 20  # one huge page
+
+    def __init__(self, max_buffers: int = 2) -> None:
+        self.max_buffers = max_buffers
+        self._buffers: list[mmap.mmap] = []
+        self.reused = 0
+        self.allocated = 0
+        # What getrefcount reports for a mapping only the pool's list holds (measured, as
+        # interpreters differ in whether the call's own argument counts).
+        self._unused_refs = self._refs([mmap.mmap(-1, 1)], 0)
+
+    @staticmethod
+    def _refs(buffers: list[mmap.mmap], i: int) -> int:
+        return sys.getrefcount(buffers[i])
+
+    def _free(self) -> list[mmap.mmap]:
+        """Remembered buffers no tensor views now (oldest first)."""
+        return [self._buffers[i] for i in range(len(self._buffers))
+                if self._refs(self._buffers, i) <= self._unused_refs]
+
+    def take(self, rows: int, cols: int) -> torch.Tensor:
+        """Uninitialised float32 ``[rows, cols]`` tensor (CPU)."""
+        nbytes = rows * cols * 4
+        if nbytes == 0:
+            return torch.empty(rows, cols, dtype=torch.float32)
+        fits = [b for b in self._free() if len(b) >= nbytes]
+        if fits:
+            buf = min(fits, key=len)
+            self.reused += 1
+        else:
+            headroom = self._HEADROOM if self.max_buffers else 1.0
+            buf = _huge_page_mapping(-(-int(nbytes * headroom) // self._ALIGN) * self._ALIGN)
+            self.allocated += 1
+            if self.max_buffers:
+                self._remember(buf)
+        return torch.frombuffer(buf, dtype=torch.float32, count=rows * cols).view(rows, cols)
+
+    def _remember(self, buf: mmap.mmap) -> None:
+        free = self._free()  # before ``buf`` joins: it is about to be used
+        self._buffers.append(buf)
+        while len(self._buffers) > self.max_buffers:
+            # Forget a free (smallest) buffer first, else the oldest one in use: its
+            # tensors keep it alive and it is unmapped when they go.
+            victim = min(free, key=len) if free else self._buffers[0]
+            if free:
+                free.remove(victim)
+            self._buffers.remove(victim)
+
+
 # ------------------------------------------------------------------ header check
 
 
 @dataclasses.dataclass
 class PreparedImage:
-    """Bytes ready for DALI and the size they will be resized to."""
+    """Bytes ready for DALI (or pixels PIL already decoded) and the target size."""
 
-    data: np.ndarray  # uint8 [n], encoded file (or a PPM after a PIL conversion)
+    data: np.ndarray  # uint8 [n], the encoded file; empty when ``rgb`` is set
     height: int  # after EXIF orientation
     width: int
     target: tuple[int, int]  # (H', W') from smart_resize
     converted: str = ""  # why PIL converted it ("" = DALI decodes the original)
+    rgb: np.ndarray | None = None  # uint8 [H, W, 3] when PIL converted it
+
+    def encoded(self) -> np.ndarray:
+        """Bytes DALI can decode: the file, or a raw PPM of PIL's pixels (decoding it is
+        a copy); used where the pixels must travel through a DALI pipeline."""
+        return self.data if self.rgb is None else _ppm(self.rgb)
 
 
 def _read(path: str, cfg: ImageConfig) -> bytes:
@@ -268,7 +389,9 @@ def _convert_with_pil(img: Image.Image) -> tuple[np.ndarray, str]:
         arr = np.asarray(img).astype(np.float64)
         peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
         img = Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8))
-    return np.asarray(img.convert("RGB")), why
+    rgb = np.asarray(img.convert("RGB"))
+    # read-only when numpy wraps PIL's bytes; torch (the resize) wants writable memory
+    return (rgb if rgb.flags.writeable else rgb.copy()), why
 
 
 def _ppm(rgb: np.ndarray) -> np.ndarray:
@@ -308,7 +431,8 @@ def prepare_image(path: str, cfg: ImageConfig) -> PreparedImage:
         rgb, why = _convert_with_pil(img)
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageSkip("decode_error", f"{path}: PIL could not decode it ({err})") from err
-    return PreparedImage(_ppm(rgb), rgb.shape[0], rgb.shape[1], target, converted=why)
+    return PreparedImage(np.empty(0, np.uint8), rgb.shape[0], rgb.shape[1], target,
+                         converted=why, rgb=rgb)
 
 
 # ------------------------------------------------------------------ result
@@ -384,9 +508,18 @@ def resize_uint8(image: np.ndarray, target: tuple[int, int]) -> np.ndarray:
     Qwen2-VL processor calls). Returns a new contiguous uint8 ``[H', W', 3]``."""
     if tuple(image.shape[:2]) == tuple(target):
         return np.array(image)  # a copy: ``image`` may be a view of DALI's buffer
-    chw = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
-    out = torch.nn.functional.interpolate(chw, size=target, mode="bicubic", antialias=True)
-    return out[0].permute(1, 2, 0).contiguous().numpy()
+    chw = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)  # a view, channels-last
+    # interpolate() would return NCHW and need an HWC copy (half the resize time);
+    # the out= form writes straight into an HWC array.
+    hwc = torch.empty(1, target[0], target[1], 3, dtype=torch.uint8)
+    out = hwc.permute(0, 3, 1, 2)
+    try:
+        torch.ops.aten._upsample_bicubic2d_aa.out(chw, list(target), False, None, None, out=out)
+    except (RuntimeError, AttributeError):  # private op changed: the public route
+        out = torch.nn.functional.interpolate(chw, size=target, mode="bicubic", antialias=True)
+    if out.data_ptr() != hwc.data_ptr():  # the op reallocated instead of writing in place
+        return out[0].permute(1, 2, 0).contiguous().numpy()
+    return hwc[0].numpy()
 
 
 class ImageLoader:
@@ -409,6 +542,10 @@ class ImageLoader:
         self.skip_counts: Counter[str] = Counter()
         self.converted_counts: Counter[str] = Counter()
         self.loaded = 0
+        # Cumulative wall seconds per stage: prepare (read + header check), decode (DALI
+        # run; includes the resize when DALI resizes), resize (torch), patchify.
+        self.stage_seconds: Counter[str] = Counter()
+        self.buffers = PatchBufferPool(self.cfg.reuse_buffers)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -430,35 +567,53 @@ class ImageLoader:
             return ImageSkip("unreadable", f"{path}: {type(err).__name__}: {err}")
 
     def _run(self, items: Sequence[PreparedImage]) -> list[np.ndarray]:
-        self._pipe.feed_input("encoded", [it.data for it in items])
+        self._pipe.feed_input("encoded", [it.encoded() for it in items])
         if self.dali_resize:
             self._pipe.feed_input("size", [np.array(it.target, np.float32) for it in items])
+        t0 = time.perf_counter()
         (images,) = self._pipe.run()
         if self.gpu:
             images = images.as_cpu()
+        t1 = time.perf_counter()
+        self.stage_seconds["decode"] += t1 - t0
         if self.dali_resize:
             # Copy now: DALI reuses its output buffers on the next run.
             return [np.array(images[i]) for i in range(len(items))]
-        return [resize_uint8(np.asarray(images[i]), it.target) for i, it in enumerate(items)]
+        out = [resize_uint8(np.asarray(images[i]), it.target) for i, it in enumerate(items)]
+        self.stage_seconds["resize"] += time.perf_counter() - t1
+        return out
 
     def _decode(self, items: Sequence[PreparedImage]) -> list[np.ndarray | str]:
         """Resized uint8 ``[H', W', 3]`` per item, or an error message for an item DALI
         cannot decode."""
+        if not self.dali_resize and any(it.rgb is not None for it in items):
+            # PIL already decoded these: resize them here, no PPM round trip through DALI.
+            out: list[np.ndarray | str | None] = [None] * len(items)
+            rest = [k for k, it in enumerate(items) if it.rgb is None]
+            for k, res in zip(rest, self._decode([items[k] for k in rest]) if rest else [], strict=True):
+                out[k] = res
+            for k, it in enumerate(items):
+                if it.rgb is not None:
+                    same = tuple(it.rgb.shape[:2]) == it.target
+                    out[k] = np.ascontiguousarray(it.rgb) if same else resize_uint8(it.rgb, it.target)
+            return out  # type: ignore[return-value]  # every slot is filled above
         try:
             return self._run(items)
         except Exception as err:
             if len(items) == 1:
                 return [" ".join(str(err).split())[:300] or repr(err)]
-        out: list[np.ndarray | str] = []
+        found: list[np.ndarray | str] = []
         for it in items:  # find the bad one(s) without losing the rest
-            out.extend(self._decode([it]))
-        return out
+            found.extend(self._decode([it]))
+        return found
 
     def load(self, paths: Sequence[str | None]) -> ImageBatch:
         """Decode, resize and patchify the images of ``paths`` (None = no image)."""
         n = len(paths)
         todo = [(i, p) for i, p in enumerate(paths) if p is not None]
+        t0 = time.perf_counter()
         prepared = list(self._pool.map(self._prepare, [p for _, p in todo]))
+        self.stage_seconds["prepare"] += time.perf_counter() - t0
         skipped: dict[int, str] = {}
         good: list[tuple[int, PreparedImage]] = []
         for (i, _path), res in zip(todo, prepared, strict=True):
@@ -496,13 +651,22 @@ class ImageLoader:
                 index[i] = len(grids)
                 grids.append((1, img.shape[0] // p, img.shape[1] // p))
         counts = [gh * gw for _, gh, gw in grids]
-        device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
+        t0 = time.perf_counter()
         # One allocation for the whole batch; each image writes its rows in place.
-        pixel_values = torch.empty(sum(counts), 3 * t * p * p, dtype=torch.float32, device=device)
-        start = 0
-        for img, count in zip((im for im in images if im is not None), counts, strict=True):
-            normalize_patchify_into(torch.from_numpy(img), pixel_values[start : start + count], self.cfg)
-            start += count
+        if self.gpu:
+            device = torch.device("cuda", torch.cuda.current_device())
+            pixel_values = torch.empty(sum(counts), 3 * t * p * p, dtype=torch.float32, device=device)
+        else:
+            pixel_values = self.buffers.take(sum(counts), 3 * t * p * p)
+        loaded = [im for im in images if im is not None]
+        if self.gpu:  # normalise on the device: uint8 crosses the bus, not float32
+            start = 0
+            for img, count in zip(loaded, counts, strict=True):
+                normalize_patchify_into(torch.from_numpy(img), pixel_values[start : start + count], self.cfg)
+                start += count
+        elif loaded:
+            normalize_patchify_batch_cpu(loaded, pixel_values.numpy(), self.cfg)
+        self.stage_seconds["patchify"] += time.perf_counter() - t0
         grid = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
         self.loaded += len(grids)
         return ImageBatch(images, pixel_values, grid, index, skipped)

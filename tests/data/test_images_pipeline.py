@@ -18,6 +18,7 @@ from sophiavl_mcore.data.images import (
     ImageSkip,
     normalize_patchify_into,
     patchify,
+    resize_uint8,
     smart_resize,
 )
 from sophiavl_mcore.data.synthetic import encode, natural_image, write_jpegs
@@ -164,6 +165,33 @@ def test_gpu_decode_matches_cpu(natural_jpegs):
     gpu = ImageLoader(ImageConfig(device="gpu")).load(natural_jpegs)
     assert torch.equal(cpu.image_grid_thw, gpu.image_grid_thw)
     assert (cpu.pixel_values - gpu.pixel_values.cpu()).abs().mean().item() <= 0.02
+
+
+def test_resize_into_hwc_equals_public_interpolate():
+    """resize_uint8 writes the resized image straight into an HWC array; the values are
+    those of torch's public antialiased bicubic on a contiguous NCHW tensor."""
+    rng = np.random.default_rng(4)
+    for (h, w), target in [((600, 800), (588, 784)), ((97, 1203), (112, 1204)),
+                           ((30, 900), (56, 1680)), ((1, 1), (56, 56)), ((56, 28), (56, 28))]:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        nchw = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
+        want = torch.nn.functional.interpolate(nchw, size=target, mode="bicubic", antialias=True)
+        got = resize_uint8(img, target)
+        assert got.shape == (*target, 3) and got.flags["C_CONTIGUOUS"] and not np.shares_memory(got, img)
+        np.testing.assert_array_equal(got, want[0].permute(1, 2, 0).numpy())
+
+
+def test_loader_reuses_pixel_value_buffers_of_dropped_batches(natural_jpegs):
+    ld = ImageLoader(ImageConfig(device="cpu"))
+    first = ld.load(natural_jpegs[:3])
+    want = first.pixel_values.clone()
+    kept = ld.load(natural_jpegs[:3])  # ``first`` is alive: new memory
+    assert kept.pixel_values.data_ptr() != first.pixel_values.data_ptr()
+    ptr = first.pixel_values.data_ptr()
+    del first
+    again = ld.load(natural_jpegs[3:5])  # fits in the dropped batch's buffer
+    assert again.pixel_values.data_ptr() == ptr and ld.buffers.reused == 1
+    assert torch.equal(kept.pixel_values, want)  # reuse never touched a live batch
 
 
 def test_natural_image_is_not_flat():
