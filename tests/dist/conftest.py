@@ -1,57 +1,14 @@
-"""Launch N gloo processes for distributed tests (one launch runs many checks).
-
-``launch(fn, nprocs, *args)`` spawns ``nprocs`` processes with RANK/WORLD_SIZE/MASTER_*
-set, calls ``fn(rank, *args)`` in each (``fn`` must be a module-level function), and
-returns the per-rank return values (must be picklable). A failure in any rank raises in
-the parent with that rank's traceback.
-"""
+"""Fixtures for the distributed tests: ``dist_launch`` runs a function on N gloo processes
+(see :mod:`sophiavl_mcore.testing.multiproc`)."""
 
 from __future__ import annotations
 
-import os
-import pickle
-import socket
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn: Callable, nprocs: int, port: int, out: str, args: tuple) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-    )
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import torch
-
-    torch.set_num_threads(1)
-    result = fn(rank, *args)
-    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def launch(fn: Callable, nprocs: int, *args: Any) -> list[Any]:
-    """Run ``fn(rank, *args)`` on ``nprocs`` spawned processes; per-rank results."""
-    with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(
-            _entry, args=(fn, nprocs, _free_port(), out, args), nprocs=nprocs,
-            join=True, start_method="spawn",
-        )
-        return [pickle.loads(Path(out, f"rank{r}.pkl").read_bytes()) for r in range(nprocs)]
+from sophiavl_mcore.testing.multiproc import launch
 
 
 @pytest.fixture(scope="session")

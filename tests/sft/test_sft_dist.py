@@ -121,7 +121,7 @@ def _worker(rank: int, model: str, data: str, out: str) -> dict:
 
 
 def test_trm_sft_layouts_agree_loss_falls_and_export_serves(sft_case, tmp_path):
-    from conftest import launch
+    from sophiavl_mcore.testing.multiproc import launch
 
     results = launch(_worker, 2, str(sft_case["model"]), str(sft_case["data"]), str(tmp_path))
     r0 = results[0]

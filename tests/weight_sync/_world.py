@@ -15,18 +15,13 @@ from __future__ import annotations
 import datetime
 import os
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sophiavl_mcore.testing.multiproc import free_port
 
 
 def _rank_main(rank: int, nprocs: int, port: int, engine_kwargs: dict, cmd_q, res_q) -> None:
@@ -80,7 +75,7 @@ class EngineWorld:
         self.nprocs = nprocs
         self.cmd = [mpctx.Queue() for _ in range(nprocs)]
         self.res = mpctx.Queue()
-        port = _free_port()
+        port = free_port()
         self.procs = [mpctx.Process(target=_rank_main,
                                     args=(r, nprocs, port, engine_kwargs, self.cmd[r], self.res))
                       for r in range(nprocs)]
