@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The README's main job: set up .venv (if needed) and run the default CPU job.
-# Until the GRPO trainer lands this scores the built-in sample batch through the whole
-# reward stage (outcome rewards -> Trust-GRPO -> advantages) and prints the tables.
-# Extra arguments go to the job, e.g. `scripts/main_job.sh --step 50 rewards.trust_grpo.use_trust=false`.
+# The README's main job: set up .venv (if needed) and run Trust-GRPO training on CPU —
+# a tiny random Qwen2.5-VL, TP=2 on 2 gloo processes, vLLM rollouts + in-process TRM,
+# on the synthetic "how many dots?" task (examples/configs/tiny_cpu.yaml). Output goes
+# to runs/tiny_cpu (TensorBoard in runs/tiny_cpu/tb, HF export in runs/tiny_cpu/final/hf).
+# Extra arguments are config overrides, e.g.
+#   bash scripts/main_job.sh rewards.trust_grpo.use_trust=false train.total_steps=40
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
-exec .venv/bin/python -m sophiavl_mcore.rewards.demo "$@"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec .venv/bin/torchrun --nproc-per-node 2 -m sophiavl_mcore.train \
+    --config examples/configs/tiny_cpu.yaml "$@"

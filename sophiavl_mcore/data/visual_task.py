@@ -1,0 +1,120 @@
+"""A synthetic visual counting task rendered with PIL: "How many dots are in the image?"
+
+Each image shows ``k`` (1 ≤ k ≤ ``max_count``) white discs at random, non-overlapping
+positions on a dark background with a little noise; the answer is ``k`` in SophiaVL-R1
+format (``<answer>k</answer>``, problem_type ``numerical``). The question text is the
+same for every record, so the answer can only come from the image.
+
+:func:`write_dots_task` writes PNG files plus ``train.jsonl`` / ``val.jsonl`` records in
+the schema of :mod:`sophiavl_mcore.data.records`. :func:`uniform_answer_records` makes
+warm-start targets whose answers are drawn uniformly at random, independent of the
+image: SFT on them teaches the output format but not the task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sophiavl_mcore.data.records import Record
+
+QUESTION = "How many dots are in the image?"
+
+
+@dataclasses.dataclass
+class VisualTaskConfig:
+    """The synthetic dots task (sizes in pixels).
+
+    Attributes:
+        enabled: generate the task into ``<output_dir>/task`` and train on it (replaces
+            ``data.sources``).
+        num_train / num_val: records in the train / held-out split.
+        max_count: answers are 1 … max_count.
+        image_size: square image side; 56 gives a 2×2 grid of merged vision tokens.
+        radius: disc radius.
+        seed: generator seed (train and val use disjoint streams).
+    """
+
+    enabled: bool = False
+    num_train: int = 256
+    num_val: int = 32
+    max_count: int = 4
+    image_size: int = 56
+    radius: int = 6
+    seed: int = 7
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.num_train < 1 or self.num_val < 0:
+            errors.append(f"num_train={self.num_train} must be >= 1 and num_val={self.num_val} >= 0")
+        if not 1 <= self.max_count <= 9:
+            errors.append(f"max_count={self.max_count} must be in [1, 9]")
+        if self.radius < 1 or self.image_size < 4 * self.radius:
+            errors.append(f"image_size={self.image_size} must be >= 4 * radius={self.radius} (radius >= 1)")
+        cells = (self.image_size // (2 * self.radius + 2)) ** 2
+        if cells < self.max_count:
+            errors.append(f"image_size={self.image_size} with radius={self.radius} fits {cells} "
+                          f"dots, fewer than max_count={self.max_count}")
+        if errors:
+            raise ValueError("task: " + "; ".join(errors))
+
+
+def render_dots(count: int, cfg: VisualTaskConfig, rng: np.random.Generator) -> Image.Image:
+    """An RGB image [image_size, image_size] with ``count`` discs placed in distinct cells."""
+    side = cfg.image_size
+    cell = 2 * cfg.radius + 2
+    per_row = side // cell
+    cells = rng.choice(per_row * per_row, size=count, replace=False)
+    bg = rng.integers(0, 40, size=(side, side, 3), dtype=np.uint8)
+    img = Image.fromarray(bg, mode="RGB")
+    draw = ImageDraw.Draw(img)
+    for c in cells:
+        cy, cx = divmod(int(c), per_row)
+        y0 = cy * cell + 1 + int(rng.integers(0, cell - 2 * cfg.radius - 1))
+        x0 = cx * cell + 1 + int(rng.integers(0, cell - 2 * cfg.radius - 1))
+        draw.ellipse([x0, y0, x0 + 2 * cfg.radius, y0 + 2 * cfg.radius], fill=(235, 235, 235))
+    return img
+
+
+def _write_split(out: Path, name: str, n: int, cfg: VisualTaskConfig, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.jsonl"
+    with path.open("w") as f:
+        for i in range(n):
+            count = int(rng.integers(1, cfg.max_count + 1))
+            rel = f"img/{name}_{i:05d}.png"
+            render_dots(count, cfg, rng).save(out / rel)
+            f.write(json.dumps({
+                "problem_id": f"{name}-{i}", "problem": QUESTION, "data_type": "image",
+                "problem_type": "numerical", "solution": f"<answer>{count}</answer>",
+                "path": rel, "data_source": f"dots_{name}",
+            }) + "\n")
+    return path
+
+
+def write_dots_task(out_dir: str | Path, cfg: VisualTaskConfig) -> tuple[Path, Path | None]:
+    """Write the task under ``out_dir``; returns the train and (if any) val record files.
+
+    Deterministic in ``cfg``: rewriting gives byte-identical records.
+    """
+    out = Path(out_dir)
+    train = _write_split(out, "train", cfg.num_train, cfg, cfg.seed)
+    val = _write_split(out, "val", cfg.num_val, cfg, cfg.seed + 1_000_003) if cfg.num_val else None
+    return train, val
+
+
+def uniform_answer_records(records: Sequence[Record], max_count: int, seed: int) -> list[Record]:
+    """Copies of ``records`` whose answers are uniform in 1 … max_count, independent of
+    the image (the warm start learns the format, not the task)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in records:
+        answer = str(int(rng.integers(1, max_count + 1)))
+        out.append(dataclasses.replace(r, answer=answer, solution=f"<answer>{answer}</answer>"))
+    return out

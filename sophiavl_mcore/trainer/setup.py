@@ -1,0 +1,220 @@
+"""The GRPO run's typed configuration and its construction (everything before step 1).
+
+Order matters on CPU: rank 0 builds the colocated vLLM engine *before* any trainer
+process group exists and releases vLLM's one-rank default group
+(:func:`~sophiavl_mcore.weight_sync.vllm_engine.release_engine_default_group`); only
+then does :func:`~sophiavl_mcore.parallel.initialize_parallel` create the trainer's
+world. Files rank 0 writes before that (tiny model, synthetic task) are read by the
+other ranks after the world exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from sophiavl_mcore.data.images import ImageConfig
+from sophiavl_mcore.data.prompts import PromptConfig
+from sophiavl_mcore.data.records import DataConfig, DataSourceConfig
+from sophiavl_mcore.data.visual_task import VisualTaskConfig
+from sophiavl_mcore.parallel import ParallelConfig
+from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
+from sophiavl_mcore.rewards.trust_grpo import TrustGRPOConfig
+from sophiavl_mcore.rollout.config import RolloutConfig
+from sophiavl_mcore.trainer.checkpointing import CheckpointConfig
+from sophiavl_mcore.trainer.loss import GRPOLossConfig
+from sophiavl_mcore.trainer.optim import OptimConfig
+from sophiavl_mcore.trainer.reference_model import ReferenceConfig
+from sophiavl_mcore.weight_sync.config import WeightSyncConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PolicyModelConfig:
+    """The policy: an HF Qwen2.5-VL checkpoint, or (``tiny``) a tiny random one built
+    into ``<output_dir>/tiny_model`` (hidden 128, head_dim 64; the CPU main job)."""
+
+    hf_dir: str = ""
+    tiny: bool = False
+    tiny_layers: int = 2
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    vocab_divisible_by: int = 1
+    freeze_vision: bool = False
+
+
+@dataclasses.dataclass
+class GRPORewardsConfig:
+    """Outcome + thinking rewards; ablation switches live in ``trust_grpo``."""
+
+    format_weight: float = 0.0
+    trust_grpo: TrustGRPOConfig = dataclasses.field(default_factory=TrustGRPOConfig)
+    thinking: ThinkingRewardConfig = dataclasses.field(
+        default_factory=lambda: ThinkingRewardConfig(backend="in_process"))
+
+
+@dataclasses.dataclass
+class WarmStartConfig:
+    """Supervised warm start on formatted examples before GRPO (0 steps = none).
+
+    ``uniform_answers``: targets carry random answers (the visual task's), so the warm
+    start teaches ``<think>…</think><answer>…</answer>`` and not the task itself.
+    """
+
+    steps: int = 0
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    lr: float = 2e-3
+    uniform_answers: bool = True
+    reasoning: str = "I count the dots."
+
+
+@dataclasses.dataclass
+class GRPORunConfig:
+    """Step geometry (counts) and cadence (every K steps; 0 = never)."""
+
+    total_steps: int = 10
+    prompts_per_step: int = 8
+    micro_batch_size: int = 8
+    val_every: int = 0
+    val_size: int = 32
+    log_samples_every: int = 0
+
+    def __post_init__(self) -> None:
+        errors = [f"{k}={getattr(self, k)} must be >= 1" for k in
+                  ("total_steps", "prompts_per_step", "micro_batch_size", "val_size")
+                  if getattr(self, k) < 1]
+        errors += [f"{k}={getattr(self, k)} must be >= 0" for k in
+                   ("val_every", "log_samples_every") if getattr(self, k) < 0]
+        if errors:
+            raise ValueError("train: " + "; ".join(errors))
+
+
+@dataclasses.dataclass
+class GRPOTrainConfig:
+    """Everything ``python -m sophiavl_mcore.train`` reads (unknown keys are errors)."""
+
+    model: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
+    task: VisualTaskConfig = dataclasses.field(default_factory=VisualTaskConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    images: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    rewards: GRPORewardsConfig = dataclasses.field(default_factory=GRPORewardsConfig)
+    loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
+    weight_sync: WeightSyncConfig = dataclasses.field(default_factory=WeightSyncConfig)
+    warm_start: WarmStartConfig = dataclasses.field(default_factory=WarmStartConfig)
+    train: GRPORunConfig = dataclasses.field(default_factory=GRPORunConfig)
+    # checkpoint.dir empty: <output_dir>/checkpoints; checkpoint.save_interval=0: only
+    # after the last step. ``--resume`` sets checkpoint.resume=must.
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    output_dir: str = "runs/grpo"
+    export_hf: bool = True
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        from sophiavl_mcore.trainer.optim import check_schedule
+
+        errors = []
+        if not self.model.tiny and not self.model.hf_dir:
+            errors.append("model.hf_dir must be set (or model.tiny=true)")
+        if not self.task.enabled and not self.data.sources:
+            errors.append("data.sources is empty and task.enabled is false: nothing to train on")
+        if self.loss.kl_coef > 0 and not self.reference.enabled:
+            errors.append(f"loss.kl_coef={self.loss.kl_coef} > 0 needs reference.enabled=true")
+        if self.rollout.sampling.n < 2:
+            errors.append(f"rollout.sampling.n={self.rollout.sampling.n}: GRPO needs >= 2 "
+                          "responses per prompt for a group advantage")
+        if self.rewards.thinking.backend == "in_process" and self.weight_sync.engine_rank != 0:
+            errors.append("the in-process TRM uses rank 0's engine: weight_sync.engine_rank must be 0")
+        if not self.output_dir:
+            errors.append("output_dir must be set")
+        if errors:
+            raise ValueError("; ".join(errors))
+        check_schedule(self.optim, self.train.total_steps)
+
+    @property
+    def responses_per_step(self) -> int:
+        return self.train.prompts_per_step * self.rollout.sampling.n
+
+
+def model_dir(cfg: GRPOTrainConfig) -> Path:
+    return Path(cfg.output_dir) / "tiny_model" if cfg.model.tiny else Path(cfg.model.hf_dir)
+
+
+def tiny_spec(cfg: GRPOTrainConfig) -> Any:
+    from sophiavl_mcore.testing.tiny_models import TinyModelSpec
+
+    # two KV heads so that TP=2 splits the query groups
+    return TinyModelSpec(num_layers=cfg.model.tiny_layers, num_kv_heads=2, seed=cfg.seed)
+
+
+def model_dims(cfg: GRPOTrainConfig) -> tuple[int, int, int]:
+    """(layers, heads, kv heads) without building anything."""
+    if cfg.model.tiny:
+        s = tiny_spec(cfg)
+        return s.num_layers, s.num_heads, s.num_kv_heads
+    from sophiavl_mcore.models.hf_config import read_lm_dims
+
+    d = read_lm_dims(cfg.model.hf_dir)
+    return d.num_layers, d.num_heads, d.num_kv_heads
+
+
+def check_world(cfg: GRPOTrainConfig, world: int) -> int:
+    """Validate the layout for ``world`` ranks and the batch split; returns dp."""
+    from sophiavl_mcore.parallel import validate_layout
+
+    dp = validate_layout(cfg.parallel, world, *model_dims(cfg))
+    if cfg.responses_per_step % dp:
+        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} × rollout.sampling.n="
+                         f"{cfg.rollout.sampling.n} = {cfg.responses_per_step} responses do not "
+                         f"split over dp={dp}")
+    if cfg.warm_start.steps and cfg.warm_start.global_batch_size % dp:
+        raise ValueError(f"warm_start.global_batch_size={cfg.warm_start.global_batch_size} is not "
+                         f"divisible by dp={dp}")
+    return dp
+
+
+def prepare_files(cfg: GRPOTrainConfig) -> GRPOTrainConfig:
+    """Rank 0, before any group exists: write the tiny model and the task. Returns the
+    config with ``rollout.model`` and ``data.sources`` filled in (every rank calls this;
+    only rank 0 writes)."""
+    from sophiavl_mcore.data.visual_task import write_dots_task
+
+    out = Path(cfg.output_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    mdir = model_dir(cfg)
+    if rank0 and cfg.model.tiny and not (mdir / "config.json").is_file():
+        from sophiavl_mcore.testing.tiny_models import build_tiny_qwen2_5_vl
+
+        build_tiny_qwen2_5_vl(mdir, tiny_spec(cfg))
+    rollout = dataclasses.replace(cfg.rollout, model=cfg.rollout.model or str(mdir))
+    data = cfg.data
+    if cfg.task.enabled:
+        task_dir = out / "task"
+        if rank0:
+            write_dots_task(task_dir, cfg.task)
+        data = dataclasses.replace(cfg.data, sources=[DataSourceConfig(
+            path=str(task_dir / "train.jsonl"), name="dots")])
+    ckpt = cfg.checkpoint
+    if not ckpt.dir:
+        ckpt = dataclasses.replace(ckpt, dir=str(out / "checkpoints"))
+    return dataclasses.replace(cfg, rollout=rollout, data=data, checkpoint=ckpt)
+
+
+def val_path(cfg: GRPOTrainConfig) -> Path | None:
+    if cfg.task.enabled and cfg.task.num_val:
+        return Path(cfg.output_dir) / "task" / "val.jsonl"
+    return None
+
+
+def torch_dtype(cfg: GRPOTrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
