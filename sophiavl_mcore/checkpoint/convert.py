@@ -246,12 +246,17 @@ def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_mcore_shard(model: torch.nn.Module, ckpt_dir: str | Path, tp_rank: int, pp_rank: int) -> None:
     """Load this rank's shard into ``model``; names and shapes are checked first."""
-    from safetensors import safe_open
-
     path = rank_file(ckpt_dir, tp_rank, pp_rank)
     if not path.is_file():
         raise CheckpointError(f"shard {path} is missing (tp_rank={tp_rank}, pp_rank={pp_rank})")
-    own = _model_tensors(model)
+    copy_shard_into(_model_tensors(model), path)
+
+
+def copy_shard_into(own: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Copy a safetensors shard into the tensors ``own`` in place (optimizer references
+    stay valid); every name and shape is checked before the first copy."""
+    from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         names = set(f.keys())
         missing, unexpected = sorted(set(own) - names), sorted(names - set(own))

@@ -22,7 +22,6 @@ Ablation switches: ``use_trust=False`` ⇒ γ = 1; ``use_annealing=False`` ⇒ f
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from sophiavl_mcore import _C
+from sophiavl_mcore.checks import check_real
 
 __all__ = [
     "TrustGRPOConfig",
@@ -69,10 +69,10 @@ class TrustGRPOConfig:
     std_ddof: int = 1
 
     def __post_init__(self) -> None:
-        _check_number("alpha", self.alpha, minimum=0.0)
-        _check_number("correct_threshold", self.correct_threshold)
-        _check_number("unpaired_gamma", self.unpaired_gamma, minimum=0.0)
-        _check_number("adv_eps", self.adv_eps, minimum=0.0)
+        check_real("alpha", self.alpha, minimum=0.0)
+        check_real("correct_threshold", self.correct_threshold)
+        check_real("unpaired_gamma", self.unpaired_gamma, minimum=0.0)
+        check_real("adv_eps", self.adv_eps, minimum=0.0)
         for name in ("use_trust", "use_annealing", "use_thinking", "scale_by_std"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -99,15 +99,6 @@ class TrustGRPOResult:
     mu_wrong: np.ndarray
     annealing: float
     num_groups: int
-
-
-def _check_number(name: str, value: object, *, minimum: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 def _check_int(name: str, value: object) -> int:

@@ -360,21 +360,10 @@ def _write_tensors(module: torch.nn.Module, path: Path) -> dict[str, Any]:
 
 def _read_tensors(module: torch.nn.Module, path: Path, extra: Mapping[str, Any]) -> None:
     """Copy a shard into ``module`` in place (optimizer references stay valid)."""
-    from safetensors import safe_open
+    from sophiavl_mcore.checkpoint.convert import copy_shard_into
 
     own, _ = _split_state(module)
-    with safe_open(str(path), framework="pt") as f:
-        names = set(f.keys())
-        missing, unexpected = sorted(set(own) - names), sorted(names - set(own))
-        bad = [f"{n}: file {list(f.get_slice(n).get_shape())} vs model {list(own[n].shape)}"
-               for n in sorted(names & set(own))
-               if tuple(f.get_slice(n).get_shape()) != tuple(own[n].shape)]
-        if missing or unexpected or bad:
-            raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}, shape mismatches {bad[:5]}")
-        with torch.no_grad():
-            for n in names:
-                own[n].copy_(f.get_tensor(n))
+    copy_shard_into(own, path)
     if extra:
         module.load_state_dict(dict(extra), strict=False)
 

@@ -38,11 +38,12 @@ padding cannot reach the loss or its gradient.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from sophiavl_mcore.checks import check_real
 
 __all__ = [
     "AGGREGATIONS",
@@ -57,26 +58,14 @@ AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-
 LOG_RATIO_CLAMP = 20.0
 
 
-def _check_real(name: str, value: object, *, minimum: float | None = None,
-                below: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    if below is not None and value >= below:
-        raise ValueError(f"{name} must be < {below}, got {value!r}")
-
-
 def _validate(clip_eps_low: float, clip_eps_high: float, kl_coef: float,
               entropy_coef: float, aggregation: str, kl_max: float) -> None:
     # ε_low < 1 keeps the lower clip bound 1 − ε_low a positive ratio.
-    _check_real("clip_eps_low", clip_eps_low, minimum=0.0, below=1.0)
-    _check_real("clip_eps_high", clip_eps_high, minimum=0.0)
-    _check_real("kl_coef", kl_coef, minimum=0.0)
-    _check_real("entropy_coef", entropy_coef, minimum=0.0)
-    _check_real("kl_max", kl_max)
+    check_real("clip_eps_low", clip_eps_low, minimum=0.0, below=1.0)
+    check_real("clip_eps_high", clip_eps_high, minimum=0.0)
+    check_real("kl_coef", kl_coef, minimum=0.0)
+    check_real("entropy_coef", entropy_coef, minimum=0.0)
+    check_real("kl_max", kl_max)
     if kl_max <= 0:
         raise ValueError(f"kl_max must be > 0, got {kl_max!r}")
     if aggregation not in AGGREGATIONS:
