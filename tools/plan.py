@@ -1,0 +1,59 @@
+"""Per-GPU memory plan of a GRPO recipe on a cluster shape; exits 1 when it does not fit.
+
+    python tools/plan.py --recipe examples/configs/qwen2_5_vl_72b_64xh100.yaml --nodes 8
+
+The model's config.json is ``--model-config``, else ``<model.hf_dir>/config.json``, else the
+shipped public config named after the checkpoint directory (tools/configs/). The formulas
+are documented in ``sophiavl_mcore/planner.py``. ``--recompute`` stands in for the
+activation-recompute setting the training config does not have yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sophiavl_mcore.config import load_config  # noqa: E402
+from sophiavl_mcore.planner import (  # noqa: E402
+    Cluster,
+    PlanError,
+    check_fits,
+    find_model_config,
+    plan_memory,
+)
+from sophiavl_mcore.trainer.setup import GRPOTrainConfig  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GPU memory in GiB")
+    ap.add_argument("--model-config", default=None, help="HF config.json of the policy")
+    ap.add_argument("--recompute", choices=("none", "selective", "full"), default="full")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides, cls=GRPOTrainConfig)
+        config_json = find_model_config(cfg.model.hf_dir, args.model_config)
+        plan = plan_memory(cfg, Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb),
+                           config_json, recompute=args.recompute)
+    except ValueError as err:
+        sys.stderr.write(f"plan: {err}\n")
+        return 2
+    sys.stdout.write(plan.table() + "\n")
+    try:
+        check_fits(plan)
+    except PlanError as err:
+        sys.stderr.write(f"REFUSED: {err}\n")
+        return 1
+    sys.stdout.write("FITS\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
