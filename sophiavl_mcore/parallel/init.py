@@ -65,7 +65,8 @@ def _resolve_backend(cfg: ParallelConfig) -> str:
     return cfg.backend
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (MASTER_PORT, local servers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -77,7 +78,7 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         # A lone process (tests, tools) gets a one-rank group so parallel_state works.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
     torch.distributed.init_process_group(
         backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)

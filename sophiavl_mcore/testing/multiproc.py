@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sophiavl_mcore.parallel.init import free_port
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT, servers)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "launch"]
 
 
 def _entry(rank: int, fn: Callable, nprocs: int, port: int, out: str, args: tuple) -> None:
