@@ -87,6 +87,14 @@ class MetricsWriter:
         if self._writer is not None:
             self._writer.add_text(tag, text, global_step=step)
 
+    def add_image(self, step: int, tag: str, image: Any) -> None:
+        """``image``: uint8 array [H, W, 3] (or a PIL image)."""
+        if self._writer is not None:
+            import numpy as np
+
+            self._writer.add_image(tag, np.asarray(image, dtype=np.uint8), global_step=step,
+                                   dataformats="HWC")
+
     def add_histogram(self, step: int, tag: str, values: Any) -> None:
         if self._writer is not None:
             self._writer.add_histogram(tag, values, global_step=step)

@@ -18,7 +18,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sophiavl_mcore.config import load_config, to_dict
@@ -50,10 +49,11 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     from sophiavl_mcore.trainer.metrics import (
         CONSOLE_KEYS,
         PhaseTimer,
+        log_step,
         reward_metrics,
         rollout_metrics,
-        sample_text,
     )
+    from sophiavl_mcore.trainer.preemption import PreemptionWatcher, write_run_state
     from sophiavl_mcore.trainer.setup import prepare_files, val_path
     from sophiavl_mcore.trainer.validation import evaluate
 
@@ -70,40 +70,48 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     trust_cfg, n, total = cfg.rewards.trust_grpo, cfg.rollout.sampling.n, cfg.train.total_steps
     history: list[dict[str, float]] = []
     jsonl = (out / "metrics.jsonl").open("a" if run.start_step > 1 else "w") if run.info.rank == 0 else None
-    for step in range(run.start_step, total + 1):
-        timer = PhaseTimer()
-        with timer("rollout"):
-            roll = loop.rollout_step(run, run.sampler.next_batch(cfg.train.prompts_per_step),
-                                     step)
-        with timer("reward"):
-            trust = trust_grpo(roll.outcome, roll.thinking, group_size=n, step=step - 1,
-                               total_steps=total, config=trust_cfg)
-            adv = group_advantages(trust.reward, group_size=n, config=trust_cfg)
-        batch = loop.to_batch(run, roll, adv)
-        metrics = loop.train_on_batch(run, batch, timer)
-        with timer("weight_sync"):
-            run.sync.sync(version=step)
-        metrics.update(reward_metrics(roll, trust, adv))
-        metrics.update(rollout_metrics(roll))
-        metrics.update(timer.metrics())
-        if cfg.train.val_every and (step % cfg.train.val_every == 0 or step == total) and val_records:
-            metrics.update(evaluate(run, val_records))
-        writer.log(step, metrics)
-        writer.add_histogram(step, "reward/gamma_hist", np.asarray(trust.gamma))
-        if cfg.train.log_samples_every and step % cfg.train.log_samples_every == 0:
-            writer.add_text(step, "rollout/samples", sample_text(roll))
-        history.append(metrics)
-        if jsonl is not None:
-            jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-            jsonl.flush()
-        logger.info(console_line(step, metrics, CONSOLE_KEYS))
-        if run.ckpt.should_save(step, total):
-            loop.save_checkpoint(run, step)
+    last_step = run.start_step - 1
+    with PreemptionWatcher() as watcher:
+        for step in range(run.start_step, total + 1):
+            timer = PhaseTimer()
+            with timer("rollout"):
+                roll = loop.rollout_step(run, run.sampler.next_batch(cfg.train.prompts_per_step),
+                                         step)
+            with timer("reward"):
+                trust = trust_grpo(roll.outcome, roll.thinking, group_size=n, step=step - 1,
+                                   total_steps=total, config=trust_cfg)
+                adv = group_advantages(trust.reward, group_size=n, config=trust_cfg)
+            batch = loop.to_batch(run, roll, adv)
+            metrics = loop.train_on_batch(run, batch, timer)
+            with timer("weight_sync"):
+                run.sync.sync(version=step)
+            metrics.update(reward_metrics(roll, trust, adv))
+            metrics.update(rollout_metrics(roll))
+            metrics.update(timer.metrics())
+            if cfg.train.val_every and (step % cfg.train.val_every == 0 or step == total) and val_records:
+                metrics.update(evaluate(run, val_records))
+            log_step(writer, step, metrics, roll, trust, cfg.train.log_samples_every)
+            history.append(metrics)
+            if jsonl is not None:
+                jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+                jsonl.flush()
+            logger.info(console_line(step, metrics, CONSOLE_KEYS))
+            last_step = step
+            preempted = watcher.agreed()
+            if run.ckpt.should_save(step, total) or (preempted and step < total):
+                loop.save_checkpoint(run, step)
+            if preempted and step < total:
+                logger.warning("%s received: checkpoint at step %d saved, stopping for a restart",
+                               getattr(watcher.received, "name", "a signal on another rank"), step)
+                break
     if jsonl is not None:
         jsonl.close()
     writer.close()
-    if cfg.export_hf:
+    finished = last_step >= total
+    if finished and cfg.export_hf:
         loop.export(run)
+    if run.info.rank == 0:
+        write_run_state(out, "complete" if finished else "preempted", last_step)
     _shutdown(run)
     return history
 

@@ -97,3 +97,15 @@ def sample_text(roll: Any, k: int = 4) -> str:
     for j, s in enumerate(roll.responses[0][:k]):
         lines.append(f"- R^o={roll.outcome[j]:.2f} R^t={roll.thinking[j]:.2f}: `{s['text'][:300]}`")
     return "\n".join(lines)
+
+
+def log_step(writer: Any, step: int, metrics: dict[str, float], roll: Any, trust: Any,
+             samples_every: int) -> None:
+    """Scalars + γ histogram every step; every ``samples_every`` steps (0 = never) the
+    first group's responses as text and the first prompt's image."""
+    writer.log(step, metrics)
+    writer.add_histogram(step, "reward/gamma_hist", np.asarray(trust.gamma))
+    if samples_every and step % samples_every == 0:
+        writer.add_text(step, "rollout/samples", sample_text(roll))
+        if roll.images and roll.images[0] is not None:
+            writer.add_image(step, "rollout/sample_image", roll.images[0].convert("RGB"))
