@@ -4,8 +4,8 @@
 
 The model's config.json is ``--model-config``, else ``<model.hf_dir>/config.json``, else the
 shipped public config named after the checkpoint directory (tools/configs/). The formulas
-are documented in ``sophiavl_mcore/planner.py``. ``--recompute`` stands in for the
-activation-recompute setting the training config does not have yet.
+are documented in ``sophiavl_mcore/planner.py``. The activation recompute is the recipe's
+``model.recompute_granularity`` unless ``--recompute`` overrides it.
 """
 
 from __future__ import annotations
@@ -34,14 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GPU memory in GiB")
     ap.add_argument("--model-config", default=None, help="HF config.json of the policy")
-    ap.add_argument("--recompute", choices=("none", "selective", "full"), default="full")
+    ap.add_argument("--recompute", choices=("none", "selective", "full"), default=None,
+                    help="override the recipe's model.recompute_granularity")
     ap.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides, cls=GRPOTrainConfig)
         config_json = find_model_config(cfg.model.hf_dir, args.model_config)
         plan = plan_memory(cfg, Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb),
-                           config_json, recompute=args.recompute)
+                           config_json,
+                           recompute=args.recompute or cfg.model.recompute_granularity or "none")
     except ValueError as err:
         sys.stderr.write(f"plan: {err}\n")
         return 2

@@ -214,6 +214,29 @@ def _patch_module(name: str) -> None:
 _PROXY = _CpuTorch()
 
 
+def _cpu_get_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+    # Activation recompute saves "the CUDA RNG state" next to the CPU one to replay
+    # dropout; on CPU the CPU state (saved by the caller too) is the one that matters.
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+def _patch_rng_state_functions() -> None:
+    """Megatron's recompute (``tensor_parallel.checkpoint``) reads and restores the CUDA
+    generator via module-level helpers that call ``torch.cuda`` directly."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for attr, repl in (("_get_cuda_rng_state", _cpu_get_rng_state),
+                       ("_set_cuda_rng_state", _cpu_set_rng_state)):
+        key = f"random.{attr}"
+        if key not in _saved and hasattr(mrandom, attr):
+            _saved[key] = getattr(mrandom, attr)
+            setattr(mrandom, attr, repl)
+
+
 def is_needed() -> bool:
     """True when CUDA is absent (the only case in which :func:`apply` does anything)."""
     return not torch.cuda.is_available()
@@ -242,8 +265,10 @@ def apply(force: bool = False) -> bool:
         cls.setup_embeddings_and_output_layer = _wrap_setup_embeddings(
             cls.setup_embeddings_and_output_layer
         )
+    _patch_rng_state_functions()
     _applied = True
-    logger.info("megatron-core CPU compatibility layer applied to %d modules", len(_saved) - 1)
+    logger.info("megatron-core CPU compatibility layer applied to %d modules",
+                sum(k.startswith("megatron.") for k in _saved))
     return True
 
 
@@ -251,10 +276,13 @@ def remove() -> None:
     """Undo :func:`apply` (restores every rebound name)."""
     global _applied
     from megatron.core.models.common.language_module import language_module as lm
+    from megatron.core.tensor_parallel import random as mrandom
 
     for name, orig in list(_saved.items()):
         if name == "LanguageModule.setup_embeddings_and_output_layer":
             lm.LanguageModule.setup_embeddings_and_output_layer = orig
+        elif name.startswith("random."):
+            setattr(mrandom, name.removeprefix("random."), orig)
         else:
             importlib.import_module(name).torch = orig
         del _saved[name]

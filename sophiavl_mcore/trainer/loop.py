@@ -86,7 +86,8 @@ def build_policy(cfg: GRPOTrainConfig, info: Any) -> torch.nn.Module:
 
     return build_qwen2_5_vl(model_dir(cfg), info, dtype=torch_dtype(cfg),
                             vision=VisionOptions(freeze=cfg.model.freeze_vision, init_seed=cfg.seed),
-                            vocab_divisible_by=cfg.model.vocab_divisible_by)
+                            vocab_divisible_by=cfg.model.vocab_divisible_by,
+                            **cfg.model.transformer_overrides())
 
 
 def build_run(cfg: GRPOTrainConfig, engine: Any) -> Run:

@@ -46,6 +46,36 @@ class PolicyModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     vocab_divisible_by: int = 1
     freeze_vision: bool = False
+    # Transformer Engine FP8 linear layers (GPU + TE only; rejected on the local spec).
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = None
+    # Megatron activation recompute of the decoder ("selective": attention core only;
+    # "full": whole layers, ``recompute_method`` over ``recompute_num_layers`` layers).
+    recompute_granularity: Literal["selective", "full"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.fp8_recipe is not None and self.fp8 is None:
+            errors.append(f"model.fp8_recipe={self.fp8_recipe!r} needs model.fp8 (e4m3 or hybrid)")
+        full = self.recompute_granularity == "full"
+        if full and (self.recompute_method is None or not self.recompute_num_layers):
+            errors.append("model.recompute_granularity='full' needs model.recompute_method "
+                          f"(got {self.recompute_method!r}) and model.recompute_num_layers >= 1 "
+                          f"(got {self.recompute_num_layers!r})")
+        if not full and (self.recompute_method is not None or self.recompute_num_layers):
+            errors.append(f"model.recompute_method={self.recompute_method!r} / "
+                          f"recompute_num_layers={self.recompute_num_layers!r} apply only to "
+                          f"recompute_granularity='full' (got {self.recompute_granularity!r})")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def transformer_overrides(self) -> dict[str, Any]:
+        """FP8 + recompute keyword arguments for ``build_qwen2_lm`` (unset ones left out)."""
+        keys = ("fp8", "fp8_recipe", "recompute_granularity", "recompute_method",
+                "recompute_num_layers")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclasses.dataclass

@@ -40,3 +40,24 @@ def test_recipe_loads_and_validates(recipe: str, config_json: str, world: int, t
     # a wrong world size is refused by the same check
     with pytest.raises(ValueError, match="world_size"):
         check_world(cfg, world + 1)
+
+
+@pytest.mark.parametrize("recipe,config_json,world", RECIPES)
+def test_recipe_fp8_and_recompute_build_a_megatron_config(recipe: str, config_json: str,
+                                                          world: int) -> None:
+    """The FP8 and recompute keys are Megatron TransformerConfig-valid for the real model
+    dims and layout (the TE layers themselves need a GPU: tests/gpu)."""
+    import torch
+
+    from sophiavl_mcore.models.hf_config import make_transformer_config, read_lm_dims
+
+    cfg = load_config(ROOT / "examples" / "configs" / recipe, cls=GRPOTrainConfig)
+    assert cfg.model.fp8 == "e4m3" and cfg.model.fp8_recipe in ("tensorwise", "blockwise")
+    assert cfg.model.recompute_granularity == "full"
+    dims = read_lm_dims(ROOT / "tools" / "configs" / config_json)
+    tc = make_transformer_config(dims, cfg.parallel, dtype=torch.bfloat16, cpu=True,
+                                 perform_initialization=False, **cfg.model.transformer_overrides())
+    assert (tc.fp8, tc.fp8_recipe) == ("e4m3", cfg.model.fp8_recipe)
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == (
+        "full", "uniform", 1)
+    assert tc.tensor_model_parallel_size == cfg.parallel.tp and tc.sequence_parallel
