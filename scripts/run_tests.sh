@@ -5,6 +5,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
+# tests/slurm brings up a real one-node Slurm; installed here, so it must not skip.
+bash scripts/install_slurm.sh
+export SOPHIAVL_REQUIRE_SLURM="${SOPHIAVL_REQUIRE_SLURM:-1}"
 .venv/bin/ruff check .
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider --durations=20 "$@"
