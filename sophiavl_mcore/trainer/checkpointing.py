@@ -97,7 +97,6 @@ class CheckpointConfig:
             load the previous complete checkpoint).
         checksum: ``sha256`` hashes every file at save and each rank's own files at
             load; ``size`` only compares sizes (faster for very large checkpoints).
-        export_hf_dir: where the final policy is exported in HF format; empty skips it.
     """
 
     dir: str = ""
@@ -106,7 +105,6 @@ class CheckpointConfig:
     resume: Literal["auto", "never", "must"] = "auto"
     on_corrupt: Literal["error", "fallback"] = "error"
     checksum: Literal["sha256", "size"] = "sha256"
-    export_hf_dir: str = ""
 
     def __post_init__(self) -> None:
         errors = []
@@ -779,89 +777,3 @@ class CheckpointManager:
                 if rank == 0:
                     logger.warning("skipping damaged checkpoint (on_corrupt=fallback): %s", err)
         return None
-
-
-# ------------------------------------------------------------------ HF export
-
-
-def _copy_serving_files(source_hf_dir: str | Path | None, out: Path) -> None:
-    from sophiavl_mcore.trainer.sft import SERVING_FILES
-
-    if source_hf_dir is None:
-        return
-    for name in SERVING_FILES:
-        src = Path(source_hf_dir) / name
-        if src.is_file():
-            shutil.copy2(src, out / name)
-
-
-def _convert_into(mcore_dir: Path, out_dir: Path, source_hf_dir: str | Path | None) -> None:
-    """convert_mcore_to_hf into a temp dir + serving files, then rename into place."""
-    from sophiavl_mcore.checkpoint import convert_mcore_to_hf
-
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        convert_mcore_to_hf(mcore_dir, tmp, progress=False)
-        _copy_serving_files(source_hf_dir, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def export_hf(source: str | Path | torch.nn.Module, out_dir: str | Path, *,
-              source_hf_dir: str | Path | None = None,
-              model_meta: Mapping[str, Any] | None = None) -> Path:
-    """Write the policy as an HF checkpoint dir (config.json + safetensors + tokenizer).
-
-    Args:
-        source: a checkpoint directory (``step_XXXXXXXX``; a root means its newest
-            complete checkpoint) — call on one process; or this rank's live model —
-            collective, every rank calls it, each DP-rank-0 writes its shard, rank 0
-            merges the shards.
-        out_dir: the HF directory to create (replaced if it exists; written via a temp
-            dir + rename).
-        source_hf_dir: HF dir whose tokenizer / processor / generation files are copied
-            (so that ``vllm serve`` and ``transformers`` load the result).
-        model_meta: conversion meta (:func:`conversion_meta`); needed for a live model.
-
-    Returns:
-        ``out_dir``.
-    """
-    from sophiavl_mcore.checkpoint.convert import META_FILE
-
-    out_dir = Path(out_dir)
-    if not isinstance(source, torch.nn.Module):
-        src = Path(source)
-        steps = _step_dirs(src)
-        if steps:
-            src = steps[max(steps)]
-        if not (src / META_FILE).is_file():
-            raise CheckpointError(
-                f"{src / META_FILE} is missing: the checkpoint was saved without model_meta "
-                "(pass CheckpointManager(model_meta=conversion_meta(...)))")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _convert_into(src, out_dir, source_hf_dir)
-        return out_dir
-    if model_meta is None:
-        raise ValueError("export_hf of a live model needs model_meta (see conversion_meta)")
-    layout = current_layout()
-    if (model_meta["tp"], model_meta["pp"]) != (layout.tp, layout.pp):
-        raise ValueError(f"export_hf: model_meta is for tp={model_meta['tp']} pp={model_meta['pp']}, "
-                         f"the live model has tp={layout.tp} pp={layout.pp}")
-    nonce = _broadcast(secrets.token_hex(4) if layout.rank == 0 else None)
-    staging = out_dir.with_name(f".{out_dir.name}.mcore-{nonce}")
-    try:
-        if layout.dp_rank == 0:
-            _write_tensors(_unwrap(source), staging / _model_file(layout, "model"))
-        if layout.rank == 0:
-            (staging / META_FILE).write_text(json.dumps(dict(model_meta), indent=1))
-        _barrier()
-        if layout.rank == 0:
-            _convert_into(staging, out_dir, source_hf_dir)
-        _barrier()
-    finally:
-        if layout.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-    return out_dir

@@ -150,7 +150,7 @@ def _megatron_logits(ddp):
 
 def _second_launch(rank: int, hf_dir: Path, root: Path, work: Path) -> dict:
     from sophiavl_mcore.checkpoint import CheckpointError
-    from sophiavl_mcore.trainer.checkpointing import export_hf
+    from sophiavl_mcore.trainer.hf_export import export_hf
 
     res: dict = {}
     info, model, ddp, opt, sch, cfg = _build(hf_dir, 1)  # TP=1 × DP=2: another layout
