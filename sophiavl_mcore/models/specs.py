@@ -13,6 +13,7 @@ present (DESIGN.md: TE is imported only where CUDA exists).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -74,10 +75,19 @@ def _sdpa_class():
                 else:
                     attn_mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
             dropout = self.attention_dropout.p if self.training else 0.0
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
-                scale=self.softmax_scale,
-            )
+            rng = contextlib.nullcontext()
+            if dropout > 0 and not self.config.sequence_parallel:
+                from megatron.core import tensor_parallel
+
+                # Heads are split over TP, so each rank's dropout mask must come from
+                # its own model-parallel stream (as Megatron's DotProductAttention does),
+                # not from the default generator shared by the replicated layers.
+                rng = tensor_parallel.get_cuda_rng_tracker().fork()
+            with rng:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
+                    scale=self.softmax_scale,
+                )
             sq, b = out.shape[2], out.shape[0]
             return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
