@@ -5,8 +5,9 @@ the command line are applied on top. Unknown keys and ill-typed values fail befo
 anything is built, naming the dotted key, the value and what was expected. A recipe may
 start from another with ``base: other.yaml`` (a path relative to the recipe).
 
-Sections are dataclasses owned by the module that uses them (rewards, models, ...);
-:class:`Config` only composes them.
+Sections are dataclasses owned by the module that uses them (rewards, models, ...); a
+job's top-level config composes them (``trainer.setup.GRPOTrainConfig`` for GRPO,
+``trm_train.TRMTrainConfig`` for TRM fine-tuning) and is passed as ``cls``.
 """
 
 from __future__ import annotations
@@ -20,43 +21,11 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-from sophiavl_mcore.data.images import ImageConfig
-from sophiavl_mcore.data.prompts import PromptConfig
-from sophiavl_mcore.data.records import DataConfig
-from sophiavl_mcore.parallel.layout import ParallelConfig
-from sophiavl_mcore.rewards.trust_grpo import TrustGRPOConfig
-from sophiavl_mcore.trainer.checkpointing import CheckpointConfig
-from sophiavl_mcore.trainer.loss import GRPOLossConfig
-from sophiavl_mcore.trainer.optim import OptimConfig
-
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used: the message names the key and the problem."""
-
-
-@dataclasses.dataclass
-class RewardConfig:
-    """Outcome + thinking reward combination (see rewards/ and DESIGN.md)."""
-
-    format_weight: float = 0.0
-    trust_grpo: TrustGRPOConfig = dataclasses.field(default_factory=TrustGRPOConfig)
-
-
-@dataclasses.dataclass
-class Config:
-    """The whole run's configuration; sections are added as the system grows."""
-
-    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
-    images: ImageConfig = dataclasses.field(default_factory=ImageConfig)
-    rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
-    loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    seed: int = 1234
 
 
 # ------------------------------------------------------------------ conversion
@@ -197,9 +166,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def load_config(
-    recipe: str | Path | None = None, overrides: Sequence[str] = (), cls: type[T] = Config
-) -> T:
+def load_config(recipe: str | Path | None, overrides: Sequence[str] = (), *, cls: type[T]) -> T:
     """Defaults ← recipe ← overrides, validated into ``cls``."""
     data = read_recipe(recipe) if recipe is not None else {}
     return from_dict(cls, apply_overrides(data, overrides))

@@ -6,18 +6,24 @@ Four prompts (one per problem type) with four sampled responses each, plus think
 scores as a TRM would return them (one missing, as after a TRM failure). The groups are
 chosen to show Trust-GRPO at work: in the numerical group the wrong answers got *higher*
 thinking scores than the right ones, so γ < 1 shrinks the thinking reward there.
-Overrides use the config's dotted keys, e.g. ``rewards.trust_grpo.use_trust=false``.
+``--config`` takes any training recipe (its ``rewards:`` section is used, e.g. the
+ablations in examples/configs/ablations/); overrides use the config's dotted keys, e.g.
+``rewards.trust_grpo.use_trust=false``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from sophiavl_mcore.config import load_config
+from sophiavl_mcore.rewards.config import RewardsConfig
 from sophiavl_mcore.rewards.outcome import OutcomeSample, score_outcomes
 from sophiavl_mcore.rewards.trust_grpo import group_advantages, trust_grpo
 
@@ -67,6 +73,22 @@ def build_samples() -> tuple[list[OutcomeSample], np.ndarray]:
     return samples, np.asarray(thinking, dtype=np.float64)
 
 
+@dataclasses.dataclass
+class DemoConfig:
+    """Without a recipe the demo reads only the reward section (defaults + overrides)."""
+
+    rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
+
+
+def rewards_from(recipe: str | Path | None, overrides: Sequence[str] = ()) -> RewardsConfig:
+    """The reward section of a training recipe (validated as a whole), or the defaults."""
+    if recipe is None:
+        return load_config(None, overrides, cls=DemoConfig).rewards
+    from sophiavl_mcore.trainer.setup import GRPOTrainConfig
+
+    return load_config(recipe, overrides, cls=GRPOTrainConfig).rewards
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML recipe (defaults when omitted)")
@@ -75,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.config, args.overrides)
-    tg = cfg.rewards.trust_grpo
+    rewards = rewards_from(args.config, args.overrides)
+    tg = rewards.trust_grpo
 
     samples, thinking = build_samples()
-    outcome = score_outcomes(samples, format_weight=cfg.rewards.format_weight)
+    outcome = score_outcomes(samples, format_weight=rewards.format_weight)
     # A reply without a <think> block has no reasoning for the TRM to grade.
     thinking[~outcome.well_formed] = np.nan
     result = trust_grpo(outcome.reward, thinking, group_size=GROUP_SIZE, step=args.step,

@@ -23,8 +23,7 @@ from sophiavl_mcore.data.prompts import PromptConfig
 from sophiavl_mcore.data.records import DataConfig, DataSourceConfig
 from sophiavl_mcore.data.visual_task import VisualTaskConfig
 from sophiavl_mcore.parallel import ParallelConfig
-from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
-from sophiavl_mcore.rewards.trust_grpo import TrustGRPOConfig
+from sophiavl_mcore.rewards.config import RewardsConfig
 from sophiavl_mcore.rollout.config import RolloutConfig
 from sophiavl_mcore.trainer.checkpointing import CheckpointConfig
 from sophiavl_mcore.trainer.loss import GRPOLossConfig
@@ -79,16 +78,6 @@ class PolicyModelConfig:
 
 
 @dataclasses.dataclass
-class GRPORewardsConfig:
-    """Outcome + thinking rewards; ablation switches live in ``trust_grpo``."""
-
-    format_weight: float = 0.0
-    trust_grpo: TrustGRPOConfig = dataclasses.field(default_factory=TrustGRPOConfig)
-    thinking: ThinkingRewardConfig = dataclasses.field(
-        default_factory=lambda: ThinkingRewardConfig(backend="in_process"))
-
-
-@dataclasses.dataclass
 class WarmStartConfig:
     """Supervised warm start on formatted examples before GRPO (0 steps = none).
 
@@ -136,7 +125,7 @@ class GRPOTrainConfig:
     images: ImageConfig = dataclasses.field(default_factory=ImageConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
-    rewards: GRPORewardsConfig = dataclasses.field(default_factory=GRPORewardsConfig)
+    rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
     loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)

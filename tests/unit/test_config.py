@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from sophiavl_mcore.config import Config, ConfigError, apply_overrides, load_config, to_dict
+from sophiavl_mcore.config import ConfigError, apply_overrides, load_config, to_dict
+from sophiavl_mcore.data.images import ImageConfig
+from sophiavl_mcore.data.records import DataConfig
+from sophiavl_mcore.parallel import ParallelConfig
+from sophiavl_mcore.rewards.config import RewardsConfig
+from sophiavl_mcore.trainer.loss import GRPOLossConfig
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "examples" / "configs").rglob("*.yaml"))
 
 
+@dataclasses.dataclass
+class Composed:
+    """A job config made of real sections, for the loader's generic behaviour."""
+
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    images: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+    rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
+    loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
+    seed: int = 1234
+
+
+def load(recipe=None, overrides=()) -> Composed:
+    return load_config(recipe, overrides, cls=Composed)
+
+
 def test_defaults_match_the_paper() -> None:
-    cfg = Config()
+    cfg = Composed()
     assert cfg.rewards.trust_grpo.alpha == 0.3
     assert cfg.rewards.trust_grpo.use_trust and cfg.rewards.trust_grpo.use_annealing
     assert cfg.rewards.format_weight == 0.0
 
 
 def test_overrides_are_typed() -> None:
-    cfg = load_config(None, ["rewards.trust_grpo.alpha=0.5", "rewards.trust_grpo.use_trust=false", "seed=7"])
+    cfg = load(None, ["rewards.trust_grpo.alpha=0.5", "rewards.trust_grpo.use_trust=false", "seed=7"])
     assert cfg.rewards.trust_grpo.alpha == 0.5
     assert cfg.rewards.trust_grpo.use_trust is False
     assert cfg.seed == 7
@@ -38,16 +60,16 @@ def test_overrides_are_typed() -> None:
 )
 def test_bad_overrides_fail_with_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load(None, [override])
 
 
 def test_recipe_base_chain_and_unknown_recipe(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text("seed: 3\nrewards:\n  format_weight: 0.1\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\nrewards:\n  trust_grpo:\n    alpha: 0.2\n")
-    cfg = load_config(tmp_path / "child.yaml")
+    cfg = load(tmp_path / "child.yaml")
     assert (cfg.seed, cfg.rewards.format_weight, cfg.rewards.trust_grpo.alpha) == (3, 0.1, 0.2)
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "missing.yaml")
+        load(tmp_path / "missing.yaml")
 
 
 def test_override_into_a_value_is_an_error() -> None:
@@ -56,8 +78,8 @@ def test_override_into_a_value_is_an_error() -> None:
 
 
 def test_round_trip_through_dict() -> None:
-    cfg = load_config(None, ["rewards.trust_grpo.alpha=0.25"])
-    assert load_config(None, []).rewards.trust_grpo.alpha != cfg.rewards.trust_grpo.alpha
+    cfg = load(None, ["rewards.trust_grpo.alpha=0.25"])
+    assert load(None, []).rewards.trust_grpo.alpha != cfg.rewards.trust_grpo.alpha
     data = to_dict(cfg)
     assert data["rewards"]["trust_grpo"]["alpha"] == 0.25
 
@@ -69,12 +91,27 @@ def test_every_shipped_recipe_loads(recipe: Path) -> None:
         from sophiavl_mcore.trm_train import TRMTrainConfig
 
         load_config(recipe, ["model.hf_dir=hf", "data.path=d.jsonl", "output_dir=out"], cls=TRMTrainConfig)
-    elif recipe.parent.name == "ablations":
-        load_config(recipe)  # reward-stage diffs: also usable over any training recipe
     else:
         from sophiavl_mcore.trainer.setup import GRPOTrainConfig
 
         load_config(recipe, cls=GRPOTrainConfig)
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "examples" / "configs" / "ablations").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_ablation_is_the_main_job_with_one_switch(recipe: Path) -> None:
+    """Paper Table 3 from one recipe: each ablation differs from tiny_cpu.yaml only in
+    its output directory and exactly one Trust-GRPO switch."""
+    from sophiavl_mcore.trainer.setup import GRPOTrainConfig
+
+    base = to_dict(load_config(REPO / "examples" / "configs" / "tiny_cpu.yaml", cls=GRPOTrainConfig))
+    ablation = to_dict(load_config(recipe, cls=GRPOTrainConfig))
+    assert ablation.pop("output_dir") != base.pop("output_dir")
+    base_switches = base["rewards"].pop("trust_grpo")
+    switches = ablation["rewards"].pop("trust_grpo")
+    assert ablation == base
+    flipped = [k for k in switches if switches[k] != base_switches[k]]
+    assert len(flipped) == 1 and flipped[0].startswith("use_"), flipped
 
 
 def test_recipes_exist() -> None:
@@ -82,11 +119,11 @@ def test_recipes_exist() -> None:
 
 
 def test_sections_compose_and_lists_of_sections_are_checked() -> None:
-    cfg = load_config(None, ["parallel.tp=2", "data.sources=[{path: a.jsonl, weight: 2}]",
+    cfg = load(None, ["parallel.tp=2", "data.sources=[{path: a.jsonl, weight: 2}]",
                              "images.image_mean=[0.5, 0.5, 0.5]", "loss.kl_coef=0.01"])
     assert (cfg.parallel.tp, cfg.data.sources[0].path, cfg.data.sources[0].weight) == (2, "a.jsonl", 2.0)
     assert cfg.images.image_mean == (0.5, 0.5, 0.5) and cfg.loss.kl_coef == 0.01
     with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.pth"):
-        load_config(None, ["data.sources=[{pth: a.jsonl}]"])
+        load(None, ["data.sources=[{pth: a.jsonl}]"])
     with pytest.raises(ConfigError, match=r"parallel\.backend: 'mpi' is not one of"):
-        load_config(None, ["parallel.backend=mpi"])
+        load(None, ["parallel.backend=mpi"])

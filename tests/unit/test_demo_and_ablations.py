@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sophiavl_mcore.config import load_config
 from sophiavl_mcore.rewards import demo
 from sophiavl_mcore.rewards.outcome import score_outcomes
 from sophiavl_mcore.rewards.trust_grpo import trust_grpo
@@ -17,11 +16,11 @@ ABLATIONS = Path(__file__).resolve().parents[2] / "examples" / "configs" / "abla
 
 
 def _run(recipe: str | None, step: int = 50, total: int = 100):
-    cfg = load_config(ABLATIONS / recipe if recipe else None)
+    rewards = demo.rewards_from(ABLATIONS / recipe if recipe else None)
     samples, thinking = demo.build_samples()
     outcome = score_outcomes(samples).reward
     result = trust_grpo(outcome, thinking, group_size=demo.GROUP_SIZE, step=step, total_steps=total,
-                        config=cfg.rewards.trust_grpo)
+                        config=rewards.trust_grpo)
     return outcome, thinking, result
 
 

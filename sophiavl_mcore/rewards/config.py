@@ -1,0 +1,28 @@
+"""The reward stage's configuration: outcome reward, thinking reward (TRM client) and
+Trust-GRPO. One section, used by the GRPO trainer (``rewards:`` in a training recipe)
+and by the reward demo."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
+from sophiavl_mcore.rewards.trust_grpo import TrustGRPOConfig
+
+
+@dataclasses.dataclass
+class RewardsConfig:
+    """Outcome + thinking rewards; the paper's ablation switches live in ``trust_grpo``.
+
+    Attributes:
+        format_weight: weight of the optional format reward added to R^o (0 = the
+            paper's format gate only).
+        trust_grpo: γ, annealing, α and the ablation switches.
+        thinking: the TRM client; the default in-process backend grades with the
+            colocated rollout engine (the CPU main job), ``http`` talks to ``vllm serve``.
+    """
+
+    format_weight: float = 0.0
+    trust_grpo: TrustGRPOConfig = dataclasses.field(default_factory=TrustGRPOConfig)
+    thinking: ThinkingRewardConfig = dataclasses.field(
+        default_factory=lambda: ThinkingRewardConfig(backend="in_process"))
