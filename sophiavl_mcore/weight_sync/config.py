@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 
 @dataclasses.dataclass
@@ -20,6 +21,16 @@ class WeightSyncConfig:
             compare them with the trainer's (costs a second gather; for debugging).
         debug_atol: largest allowed |engine - trainer| after casting the trainer's
             tensor to the engine's dtype (0 = bit-exact).
+        engine_update: how the engine takes the tensors. ``inplace``: copied straight
+            into the engine's parameters through vLLM's own loader (name mapping,
+            q/k/v and gate/up packing, rollout-TP slicing); on CPU each written layer
+            whose GEMM keeps a packed copy is re-packed once per sync with vLLM's own
+            post-processing (:mod:`~sophiavl_mcore.weight_sync.vllm_repack`).
+            ``live``: like ``inplace``, but on CPU written layers switch to the GEMM on
+            the plain weight (no re-pack: fastest sync, slower CPU generation; same as
+            ``inplace`` on GPU). ``reload``: vLLM's ``reload_weights`` (layer-wise
+            meta restore + post-processing; ~10x slower on CPU). ``auto``:
+            ``inplace`` where the engine supports it, else ``reload``.
     """
 
     bucket_bytes: int = 512 * 2**20
@@ -27,6 +38,7 @@ class WeightSyncConfig:
     require_complete: bool = True
     debug_compare: bool = False
     debug_atol: float = 0.0
+    engine_update: Literal["auto", "inplace", "live", "reload"] = "auto"
 
     def __post_init__(self) -> None:
         errors = []
@@ -36,5 +48,7 @@ class WeightSyncConfig:
             errors.append(f"engine_rank={self.engine_rank} must be >= 0")
         if self.debug_atol < 0:
             errors.append(f"debug_atol={self.debug_atol} must be >= 0")
+        if self.engine_update not in ("auto", "inplace", "live", "reload"):
+            errors.append(f"engine_update={self.engine_update!r} must be auto, inplace, live or reload")
         if errors:
             raise ValueError("weight_sync: " + "; ".join(errors))

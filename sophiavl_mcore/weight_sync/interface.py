@@ -22,6 +22,7 @@ class SyncReport:
     ``peak_rss_delta_bytes`` is this process's peak resident memory during the sync
     minus its resident memory right before (sampled every few milliseconds).
     ``debug_max_abs_diff`` is ``None`` unless ``debug_compare`` is on.
+    ``engine_update``: how the engine took the weights (``inplace`` / ``reload``).
     """
 
     policy_version: int
@@ -32,6 +33,7 @@ class SyncReport:
     seconds: float
     peak_rss_delta_bytes: int
     debug_max_abs_diff: float | None = None
+    engine_update: str = ""
 
     @property
     def gb_per_s(self) -> float:

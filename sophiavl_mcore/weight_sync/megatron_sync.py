@@ -8,8 +8,17 @@ engine rank (gloo point-to-point); the engine rank merges the TP pieces of each 
 into full HF tensors (``ConversionPlan.merge``: q/k/v de-interleave, gate/up split,
 vocab padding dropped) under *global* layer indices (the plan maps stage-local
 ``decoder.layers.i`` to ``model.layers.{offset+i}``) and yields them, lazily, into one
-``engine.load_weights`` call. Because the engine receives full HF tensors and shards
-them itself, the trainer's TP/PP and the rollout's TP are independent.
+engine write per sync. Because the engine receives full HF tensors and shards them
+itself, the trainer's TP/PP and the rollout's TP are independent.
+
+Engine write (``cfg.engine_update``): ``inplace`` (default where supported) copies each
+tensor straight into the engine's parameters through the model's own ``load_weights``
+(:mod:`~sophiavl_mcore.weight_sync.vllm_inplace`; on CPU, packed GEMM layers are
+re-packed once each, :mod:`~sophiavl_mcore.weight_sync.vllm_repack`); ``live`` (CPU
+opt-in) switches written layers to a GEMM on the plain weight instead (one copy per
+byte, slower generation); ``reload`` uses vLLM's ``reload_weights`` (layer-wise meta
+restore + ``process_weights_after_loading`` of the whole model). Each is one call per
+sync, never per bucket; every weight-derived cache is dropped after it.
 
 Generalisation (GPU): one engine per rollout group (e.g. per DP replica, or per
 rollout-TP group of GPUs); each group's engine-holding rank(s) receive the same bucket
@@ -88,9 +97,29 @@ def _layers_per_stage(metas: list[dict], coords: list[RankCoord], pp: int) -> li
     return counts
 
 
+def merge_qkv(plan: ConversionPlan, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+    """HF q, k, v [heads*d, ...] from Megatron's per-TP-rank fused qkv pieces (rows
+    grouped per KV head: [q of the group, k, v]); one copy per byte (``plan.merge``
+    concatenates, then copies each of q, k, v again)."""
+    d, groups = plan.dims.head_dim, plan.dims.num_kv_heads
+    rows = (plan.dims.num_heads // groups * d, d, d)
+    tail = tuple(pieces[0].shape[1:])
+    outs = [torch.empty((groups * n, *tail), dtype=pieces[0].dtype) for n in rows]
+    views = [o.view(groups, n, *tail) for o, n in zip(outs, rows, strict=True)]
+    first = 0
+    for piece in pieces:
+        grouped = piece.reshape(-1, sum(rows), *tail)  # a view: pieces are contiguous
+        for view, part in zip(views, grouped.split(rows, dim=1), strict=True):
+            view[first:first + grouped.shape[0]].copy_(part)
+        first += grouped.shape[0]
+    return outs
+
+
 def _merge(plan: ConversionPlan, rule: Any, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
     """Full HF tensors of ``rule``; with one piece, views instead of copies where the
     layouts agree (everything but the q/k/v regrouping)."""
+    if rule.kind == "qkv":
+        return merge_qkv(plan, pieces)
     if len(pieces) == 1:
         only = pieces[0]
         if rule.kind in ("replicated", "column", "row"):
@@ -157,17 +186,35 @@ class MegatronWeightSync(WeightSync):
         elif engine is not None:
             raise ValueError(f"rank {self.rank} got an engine but weight_sync.engine_rank={self.cfg.engine_rank}")
 
+        self._updater = self._make_updater() if self.is_engine_rank else None
         coords, metas = self._gather_meta()
         self.coords = coords
         self.sources = source_table(coords, self.tp, self.pp)
         self.plan = plan if plan is not None else self._build_plan(coords, metas)
-        info = [None]
+        info: list[Any] = [None]
         if self.is_engine_rank:
-            info[0] = getattr(engine, "policy_version", 0)
+            kind = "reload" if self._updater is None else ("live" if self._updater.live else "inplace")
+            info[0] = (getattr(engine, "policy_version", 0), kind)
         dist.broadcast_object_list(info, src=self.cfg.engine_rank)
-        self._version = int(info[0])
+        self._version = int(info[0][0])
+        self.engine_update: str = info[0][1]  # how the engine takes weights (every rank)
 
     # ------------------------------------------------------------------ setup
+
+    def _make_updater(self) -> Any:
+        """The in-place writer for ``cfg.engine_update`` (None: vLLM's reload)."""
+        if self.cfg.engine_update == "reload":
+            return None
+        from sophiavl_mcore.weight_sync.vllm_inplace import InplaceUpdater
+
+        reason = InplaceUpdater.unsupported_reason(self.engine)
+        if reason is None:
+            return InplaceUpdater(self.engine, live=self.cfg.engine_update == "live")
+        if self.cfg.engine_update != "auto":
+            raise ValueError(f"weight_sync.engine_update={self.cfg.engine_update} but the engine "
+                             f"cannot be updated in place: {reason}")
+        logger.info("weight sync falls back to the engine's reload: %s", reason)
+        return None
 
     def _gather_meta(self) -> tuple[list[RankCoord], list[dict[str, tuple[str, tuple[int, ...]]]]]:
         meta = {k: (str(v.dtype), tuple(v.shape)) for k, v in _local_tensors(self.module).items()}
@@ -333,8 +380,13 @@ class MegatronWeightSync(WeightSync):
             status: list[Any] = [None]
             if self.is_engine_rank:
                 try:
-                    with torch.no_grad():
-                        new = self.engine.load_weights(self._hf_stream(buckets, tensors, progress), version)
+                    stream = self._hf_stream(buckets, tensors, progress)
+                    if self._updater is not None:
+                        names = [n for b in buckets for r in b.rules for n in r.hf]
+                        new = self._updater.load(stream, names, version)
+                    else:
+                        with torch.no_grad():
+                            new = self.engine.load_weights(stream, version)
                     status[0] = ("ok", int(new))
                 except Exception as err:  # re-raised on every rank below
                     logger.exception("engine load failed")
@@ -349,7 +401,7 @@ class MegatronWeightSync(WeightSync):
         report = SyncReport(
             policy_version=self._version, num_tensors=progress["tensors"], num_buckets=len(buckets),
             bytes_loaded=progress["bytes"], bytes_sent=sent, seconds=time.perf_counter() - start,
-            peak_rss_delta_bytes=mem.delta,
+            peak_rss_delta_bytes=mem.delta, engine_update=self.engine_update,
         )
         if self.cfg.debug_compare:
             report.debug_max_abs_diff = self.compare(buckets)
@@ -379,8 +431,8 @@ class MegatronWeightSync(WeightSync):
                 reader = VllmReadBack(engine_model(self.engine), self.plan.hf_specs())
                 with torch.no_grad():
                     for name, ours in self._hf_stream(buckets, tensors, progress):
-                        theirs = reader.tensor(name)
-                        diff = (theirs.float() - ours.to(theirs.dtype).float()).abs().max().item()
+                        diff = max((theirs.float() - ours.to(theirs.dtype).float()).abs().max().item()
+                                   for theirs in reader.views(name))
                         if diff > worst or not worst_name:
                             worst, worst_name = diff, name
                         if progress["tensors"] % 64 == 0:

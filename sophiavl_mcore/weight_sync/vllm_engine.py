@@ -12,7 +12,10 @@ Read-back (debug compare): vLLM fuses q/k/v into ``qkv_proj`` and gate/up into
 ``hf_to_vllm_mapper``; an HF tensor is compared with its row slice of the fused
 parameter. On CPU, vLLM packs linear weights into oneDNN/SGL kernels and leaves an
 empty ``weight`` parameter; such a weight is read back by running the layer's kernel on
-an identity matrix (``cpu_linear(I_K) = W^T``), i.e. the weights the kernel really uses.
+an identity matrix (``cpu_linear(I_K) = W^T``), i.e. the weights the kernel really uses
+(also where vLLM keeps both a ``weight`` and a packed copy: embeddings / LM head). After
+an in-place sync (:mod:`~sophiavl_mcore.weight_sync.vllm_inplace`) kernels read the
+plain ``weight`` and it is read directly.
 
 Process groups (CPU, colocated): the uni executor initialises a one-rank default
 ``torch.distributed`` group when none exists, and uses whatever default group exists
@@ -63,11 +66,35 @@ def engine_expected_specs(engine: Any) -> dict[str, tuple[int, ...]] | None:
     return checkpoint_specs(model_dir)
 
 
+def engine_worker(engine: Any) -> Any:
+    """The in-process vLLM worker of a :class:`VllmRolloutEngine` (uni executor)."""
+    return engine.llm.llm_engine.model_executor.driver_worker.worker
+
+
 def engine_model(engine: Any) -> torch.nn.Module:
     """The in-process vLLM ``nn.Module`` of a :class:`VllmRolloutEngine` (uni executor)."""
-    llm = engine.llm
-    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
-    return runner.get_model()
+    return engine_worker(engine).model_runner.get_model()
+
+
+def fused_target(hf_name: str, mapper: Any, packed: Mapping[str, list[str]]) -> tuple[str, str, list[str]]:
+    """Where an HF tensor lives in a vLLM model: (module path, parameter name, the HF
+    names that fill that parameter in row order, ``hf_name`` among them).
+
+    vLLM fuses q/k/v and gate/up (``packed_modules_mapping``); some models' name
+    mappers already rename ``.k_proj`` to ``.qkv_proj`` (Qwen2), others leave the
+    member name for the loader to fuse (Qwen2.5-VL): both end at the fused module.
+    """
+    name = mapper.map_name(hf_name) if mapper is not None else hf_name
+    if name is None:
+        raise KeyError(f"{hf_name}: the engine's name mapper drops this tensor")
+    module_path, pname = name.rsplit(".", 1)
+    parent, _, mapped_leaf = module_path.rpartition(".")
+    hf_leaf = hf_name.rsplit(".", 2)[-2] if hf_name.count(".") >= 2 else ""
+    for fused, members in packed.items():
+        if hf_leaf in members and [hf_leaf] != members and mapped_leaf in (hf_leaf, fused):
+            siblings = [hf_name.replace(f".{hf_leaf}.", f".{m}.") for m in members]
+            return (f"{parent}.{fused}" if parent else fused), pname, siblings
+    return module_path, pname, [hf_name]
 
 
 class VllmReadBack:
@@ -85,48 +112,50 @@ class VllmReadBack:
 
     def locate(self, hf_name: str) -> tuple[str, str, int, int | None]:
         """(module path, parameter name, first row, rows or None = all) in the vLLM model."""
-        name = self.mapper.map_name(hf_name) if self.mapper is not None else hf_name
-        if name is None:
-            raise KeyError(f"{hf_name}: the engine's name mapper drops this tensor")
-        module_path, pname = name.rsplit(".", 1)
-        parent, _, leaf = module_path.rpartition(".")
-        for fused, members in self.packed.items():
-            if leaf in members and [leaf] != members:
-                idx = members.index(leaf)
-                offset = 0
-                for sibling in members[:idx]:
-                    sib = hf_name.replace(f".{leaf}.", f".{sibling}.")
-                    offset += self.hf_specs[sib][0]
-                return f"{parent}.{fused}" if parent else fused, pname, offset, self.hf_specs[hf_name][0]
-        return module_path, pname, 0, None
+        module_path, pname, siblings = fused_target(hf_name, self.mapper, self.packed)
+        if len(siblings) == 1:
+            return module_path, pname, 0, None
+        offset = sum(self.hf_specs[s][0] for s in siblings[: siblings.index(hf_name)])
+        return module_path, pname, offset, self.hf_specs[hf_name][0]
 
-    def _param(self, module_path: str, pname: str, in_features: int) -> torch.Tensor:
+    def _values(self, module_path: str, pname: str, in_features: int) -> list[torch.Tensor]:
         key = f"{module_path}.{pname}"
         if key in self._cache:
             return self._cache[key]
+        from sophiavl_mcore.weight_sync.vllm_inplace import kernel_is_live
+
         module = self.model.get_submodule(module_path)
         param = getattr(module, pname)
-        if param.numel() == 0 and pname == "weight" and hasattr(module, "cpu_linear"):
-            # CPU kernels hold the packed weight; identity in -> W^T out.
+        values = [param.detach()] if param.numel() > 0 else []
+        if pname == "weight" and hasattr(module, "cpu_linear") and not kernel_is_live(module):
+            # The CPU kernel computes with its own packed copy, which must agree with a
+            # kept ``weight`` too (embeddings / LM head): identity in -> W^T out.
             eye = torch.eye(in_features, dtype=param.dtype)
             with torch.no_grad():
-                value = module.cpu_linear(eye, param, None).t().contiguous()
-        else:
-            value = param.detach()
-        self._cache[key] = value
-        return value
+                values.append(module.cpu_linear(eye, param, None).t().contiguous())
+        self._cache[key] = values
+        return values
 
-    def tensor(self, hf_name: str) -> torch.Tensor:
-        """The engine's tensor for ``hf_name`` (vocab padding rows dropped)."""
+    def views(self, hf_name: str) -> list[torch.Tensor]:
+        """Every engine copy of ``hf_name`` that inference uses: the parameter (a view:
+        writing to it writes the engine) and/or what the packed CPU kernel computes
+        with; vocab padding rows dropped."""
         shape = tuple(self.hf_specs[hf_name])
         module_path, pname, first, rows = self.locate(hf_name)
         in_features = shape[1] if len(shape) == 2 else 1
-        value = self._param(module_path, pname, in_features)
-        if rows is not None:
-            value = value[first:first + rows]
-        if value.shape[0] > shape[0]:  # vLLM pads vocab rows
-            value = value[: shape[0]]
-        return value.reshape(shape)
+        out = []
+        for value in self._values(module_path, pname, in_features):
+            if rows is not None:
+                value = value[first:first + rows]
+            if value.shape[0] > shape[0]:  # vLLM pads vocab rows
+                value = value[: shape[0]]
+            out.append(value.reshape(shape))
+        return out
+
+    def tensor(self, hf_name: str) -> torch.Tensor:
+        """The engine's tensor for ``hf_name``: its parameter where one is kept, else
+        the packed kernel's weight (see :meth:`views`)."""
+        return self.views(hf_name)[0]
 
 
 # ----------------------------------------------------------------- colocation helpers

@@ -242,3 +242,137 @@ def _vocab(model_dir: Path) -> int:
     from sophiavl_mcore.models import read_lm_dims
 
     return read_lm_dims(model_dir).vocab_size
+
+
+# ---------------------------------------------------------------------- in-place path
+
+
+def _greedy(engine, n: int = 8) -> list[int]:
+    """Greedy continuation token ids of TEXT_IDS (rank 0's engine)."""
+    from vllm import SamplingParams
+
+    out = engine.llm.generate([{"prompt_token_ids": TEXT_IDS}],
+                              SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                              use_tqdm=False)[0]
+    return list(out.outputs[0].token_ids)
+
+
+def inplace_vs_reload_case(rank: int, ctx: dict, model_dir: str, seed: int) -> dict:
+    """TP=2 syncs of two random LMs X, Y alternating engine-update paths: X and Y via
+    vLLM's reload, then X in place (re-pack), Y reload, X live, Y reload. Rank 0 records
+    prompt log-probs, greedy tokens and the engine's CPU GEMM kinds after each."""
+    from sophiavl_mcore.weight_sync import MegatronWeightSync
+    from sophiavl_mcore.weight_sync.vllm_engine import engine_model
+    from sophiavl_mcore.weight_sync.vllm_inplace import live_report
+
+    model_dir = Path(model_dir)
+    info = _setup(2, 1, *_dims(model_dir))
+    engine = ctx.get("engine")
+    res: dict[str, Any] = {"rank": rank, "kinds": []}
+    models = {"x": build_lm(model_dir, info, seed), "y": build_lm(model_dir, info, seed + 1)}
+    steps = (("x_reload", "x", "reload"), ("y_reload", "y", "reload"), ("x_inplace", "x", "inplace"),
+             ("y_reload2", "y", "reload"), ("x_live", "x", "live"), ("y_reload3", "y", "reload"))
+    for label, which, how in steps:
+        sync = MegatronWeightSync(models[which], model_dir, engine,
+                                  _sync_cfg(require_complete=False, engine_update=how))
+        report = sync.sync()
+        res["kinds"].append(report.engine_update)
+        if engine is not None:
+            res[label] = vllm_logprobs(engine, {"prompt_token_ids": TEXT_IDS})[1]
+            res[label + "_tokens"] = _greedy(engine)
+            res[label + "_kernels"] = dict(live_report(engine_model(engine)))
+    return res
+
+
+def corrupt_case(rank: int, ctx: dict, model_dir: str, seed: int, how: str, suffix: str) -> dict:
+    """TP=2 sync (``engine_update=how``) with debug compare (clean); then 0.25 added to
+    the engine's copy of the tensor ending in ``suffix`` (a view into the engine's
+    parameter): compare() must refuse; a fresh sync repairs it."""
+    from sophiavl_mcore.weight_sync import MegatronWeightSync, WeightSyncError
+    from sophiavl_mcore.weight_sync.vllm_engine import VllmReadBack, engine_model
+
+    model_dir = Path(model_dir)
+    info = _setup(2, 1, *_dims(model_dir))
+    engine = ctx.get("engine")
+    model = build_lm(model_dir, info, seed)
+    sync = MegatronWeightSync(model, model_dir, engine,
+                              _sync_cfg(require_complete=False, debug_compare=True, engine_update=how))
+    res: dict[str, Any] = {"rank": rank, "clean": _report(sync.sync())}
+    target = next(n for r in sync.plan.rules if not r.mirror for n in r.hf if n.endswith(suffix))
+    res["target"] = target
+    if engine is not None:
+        reader = VllmReadBack(engine_model(engine), sync.plan.hf_specs())
+        with torch.no_grad():
+            reader.tensor(target).add_(0.25)  # writes the engine's parameter
+    try:
+        sync.compare()
+        res["error"] = None
+    except WeightSyncError as err:
+        res["error"] = str(err)
+    res["after_resync"] = _report(sync.sync())  # debug compare inside: raises if not repaired
+    return res
+
+
+def _packed_qkv(vllm_config, g: torch.Generator):
+    """A real vLLM QKV layer (64 -> 128 + 64 + 64), loaded and post-processed by vLLM."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+    from vllm.model_executor.model_loader.reload.layerwise import record_metadata_for_reloading
+
+    ws = [torch.randn(n, 64, generator=g) for n in (128, 64, 64)]
+    bias = torch.randn(256, generator=g)
+    with set_current_vllm_config(vllm_config), torch.no_grad():
+        layer = QKVParallelLinear(64, 64, 2, 1, bias=True, prefix="probe.qkv_proj")
+        record_metadata_for_reloading(layer)
+        for w, shard in zip(ws, "qkv", strict=True):
+            layer.weight.weight_loader(layer.weight, w, shard)
+        layer.bias.copy_(bias)
+        layer.quant_method.process_weights_after_loading(layer)
+    return layer, ws, bias
+
+
+def live_conversion_case(rank: int, ctx: dict) -> dict:
+    """Rank 0: real vLLM QKV layers packed by vLLM's CPU post-processing; (1) converted
+    to a live weight with read-back, then a k shard written; (2) staged for re-pack,
+    only the k shard written, re-packed."""
+    if ctx.get("engine") is None:
+        return {}
+    from vllm.config import set_current_vllm_config
+
+    from sophiavl_mcore.weight_sync.vllm_engine import engine_worker
+    from sophiavl_mcore.weight_sync.vllm_inplace import kernel_is_live, make_live
+    from sophiavl_mcore.weight_sync.vllm_repack import Repacker
+
+    vllm_config = engine_worker(ctx["engine"]).vllm_config
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 64, generator=g)
+    res: dict[str, Any] = {}
+    layer, (wq, wk, wv), bias = _packed_qkv(vllm_config, g)
+    with set_current_vllm_config(vllm_config), torch.no_grad():
+        res["packed_before"] = not kernel_is_live(layer)
+        res["weight_numel_before"] = layer.weight.numel()
+        y_packed = layer(x)[0].clone()
+        res["converted"] = make_live(layer, overwritten=False)
+        res["live_after"] = kernel_is_live(layer)
+        res["weight_exact"] = bool(torch.equal(layer.weight, torch.cat([wq, wk, wv])))
+        res["out_diff"] = (layer(x)[0] - y_packed).abs().max().item()
+        wk2 = torch.randn(64, 64, generator=g)
+        layer.weight.weight_loader(layer.weight, wk2, "k")
+        expect = torch.nn.functional.linear(x, torch.cat([wq, wk2, wv]), bias)
+        res["after_write_diff"] = (layer(x)[0] - expect).abs().max().item()
+        res["converted_again"] = make_live(layer, overwritten=True)
+
+    layer, (wq, wk, wv), bias = _packed_qkv(vllm_config, g)
+    repacker = Repacker()
+    with set_current_vllm_config(vllm_config), torch.no_grad():
+        repacker.stage(layer, covered=False)  # only k arrives: q, v come from the kernel
+        wk2 = torch.randn(64, 64, generator=g)
+        layer.weight.weight_loader(layer.weight, wk2, "k")
+        res["pending_before_finish"] = repacker.pending
+        repacker.finish_all()
+        expect = torch.nn.functional.linear(x, torch.cat([wq, wk2, wv]), bias)
+        res["repack_diff"] = (layer(x)[0] - expect).abs().max().item()
+        res["repack_packed"] = not kernel_is_live(layer) and layer.weight.numel() == 0
+        res["repacked"] = repacker.repacked
+        res["pool_bytes"] = repacker.pool.nbytes
+    return res

@@ -67,3 +67,21 @@ def test_source_table_rejects_incomplete_layouts():
 def test_config_rejects_impossible_values():
     with pytest.raises(ValueError, match="bucket_bytes=10 .*engine_rank=-1"):
         WeightSyncConfig(bucket_bytes=10, engine_rank=-1)
+    with pytest.raises(ValueError, match="engine_update='fast' must be auto, inplace, live or reload"):
+        WeightSyncConfig(engine_update="fast")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_merge_qkv_equals_plan_merge(tp):
+    """The one-copy q/k/v regrouping of the sync equals the checkpoint converter's."""
+    from sophiavl_mcore.weight_sync.megatron_sync import merge_qkv
+
+    plan = build_plan(read_lm_dims(CFG), tp, 1)
+    g = torch.Generator().manual_seed(tp)
+    for rule in (r for r in plan.rules if r.kind == "qkv"):
+        shape = plan.rank_shape(rule)
+        pieces = [torch.randn(shape, generator=g) for _ in range(tp)]
+        ours, ref = merge_qkv(plan, pieces), plan.merge(rule, pieces)
+        assert [t.shape for t in ours] == [torch.Size(s) for s in rule.hf_shapes]
+        for a, b in zip(ours, ref, strict=True):
+            assert torch.equal(a, b)
