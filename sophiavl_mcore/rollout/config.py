@@ -15,6 +15,9 @@ class SamplingConfig:
     still differ. ``logprobs``: how many top alternatives to return per generated
     token besides the sampled one (0 = only the sampled token's log-prob).
     ``regex``: constrain the output to this regular expression (structured outputs).
+    ``forbid_vision_tokens``: the image markers (``<|image_pad|>`` …) are never sampled
+    (a bias of -100 on their logits): a response containing one would be read as an
+    image slot when the trainer re-scores it.
     """
 
     n: int = 8
@@ -26,6 +29,7 @@ class SamplingConfig:
     seed: int | None = None
     logprobs: int = 0
     regex: str | None = None
+    forbid_vision_tokens: bool = True
 
     def __post_init__(self) -> None:
         errors = []

@@ -15,6 +15,17 @@ import numpy as np
 
 from sophiavl_mcore.rollout.config import SamplingConfig
 
+# Qwen2.5-VL's vision markers: input-only tokens a response must never contain.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+                 "<|vision_pad|>")
+
+
+def vision_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of :data:`VISION_TOKENS` that the tokenizer knows (unknown ones are skipped)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return [int(i) for i in ids if i is not None and i >= 0 and i != unk]
+
 
 class RolloutWeightError(RuntimeError):
     """A weight update failed; the engine's ``policy_version`` was not advanced."""

@@ -30,6 +30,7 @@ from sophiavl_mcore.rollout.interface import (
     RolloutResult,
     RolloutSample,
     RolloutWeightError,
+    vision_token_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ def _finalize_reload_on_worker(worker: Any) -> None:
     runner.reset_mm_cache()
 
 
-def to_sampling_params(sampling: SamplingConfig, seed_offset: int = 0):
-    """Build vLLM ``SamplingParams``; the seed (if any) is shifted by ``seed_offset``."""
+def to_sampling_params(sampling: SamplingConfig, seed_offset: int = 0,
+                       forbidden_ids: Sequence[int] = ()):
+    """Build vLLM ``SamplingParams``; the seed (if any) is shifted by ``seed_offset``;
+    ``forbidden_ids`` get vLLM's strongest logit bias (-100, i.e. never sampled)."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -71,6 +74,7 @@ def to_sampling_params(sampling: SamplingConfig, seed_offset: int = 0):
         seed=None if sampling.seed is None else sampling.seed + seed_offset,
         logprobs=sampling.logprobs,
         structured_outputs=structured,
+        logit_bias={int(i): -100.0 for i in forbidden_ids} or None,
     )
 
 
@@ -117,6 +121,7 @@ class VllmRolloutEngine(RolloutEngine):
             kwargs["limit_mm_per_prompt"] = {"image": cfg.max_images_per_prompt, "video": 0}
         self._llm = LLM(**kwargs)
         self._tokenizer = self._llm.get_tokenizer()
+        self._vision_ids = vision_token_ids(self._tokenizer)
 
     @staticmethod
     def _is_multimodal(model_dir: str) -> bool:
@@ -163,7 +168,9 @@ class VllmRolloutEngine(RolloutEngine):
         if not requests:
             return []
         prompts = [self._to_vllm_prompt(i, r) for i, r in enumerate(requests)]
-        params = [to_sampling_params(sampling, seed_offset=i) for i in range(len(requests))]
+        forbidden = self._vision_ids if sampling.forbid_vision_tokens else ()
+        params = [to_sampling_params(sampling, seed_offset=i, forbidden_ids=forbidden)
+                  for i in range(len(requests))]
         try:
             outputs = self._llm.generate(prompts, params, use_tqdm=False)
         except Exception:

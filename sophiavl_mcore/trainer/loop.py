@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
+from sophiavl_mcore.rollout.interface import vision_token_ids
 from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
 from sophiavl_mcore.trainer.setup import GRPOTrainConfig, model_dir, torch_dtype
 
@@ -278,7 +279,9 @@ def to_batch(run: Run, roll: Rollout, advantages: np.ndarray) -> RolloutBatch:
     """All responses of the step as one RolloutBatch (group-major order)."""
     prompt_ids, response_ids, lps, pvs, grids, groups, types = [], [], [], [], [], [], []
     masks = []
-    vision = torch.tensor(_vision_token_ids(run.tokenizer))
+    # The engine does not sample these (sampling.forbid_vision_tokens); masking them here
+    # too keeps an engine without that guarantee from feeding image slots to the model.
+    vision = torch.tensor(vision_token_ids(run.tokenizer))
     for g, (pids, group) in enumerate(zip(roll.prompt_ids, roll.responses, strict=True)):
         p = torch.tensor(pids, dtype=torch.long)
         for s in group:
@@ -300,12 +303,6 @@ def to_batch(run: Run, roll: Rollout, advantages: np.ndarray) -> RolloutBatch:
                         torch.tensor(groups), types, response_mask=masks, rollout_logprobs=lps,
                         pixel_values=pvs,
                         image_grid_thw=grids, pad_id=run.pad_id)
-
-
-def _vision_token_ids(tokenizer: Any) -> list[int]:
-    names = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in names]
-    return [int(i) for i in ids if i is not None and i >= 0 and i != tokenizer.unk_token_id]
 
 
 def train_on_batch(run: Run, batch: RolloutBatch, timer: Any) -> dict[str, float]:

@@ -48,8 +48,13 @@ def test_generate_n_samples_shapes_and_logprobs_match_hf(engine, tiny_vl_dir):
         # n samples of one prompt are distinct draws
         assert len({tuple(s.token_ids.tolist()) for s in res.samples}) > 1
 
-    # The reported sampling log-probs (T=1, no top-k/p) equal the HF model's log-softmax.
+    # The reported sampling log-probs (T=1, no top-k/p) equal the HF model's log-softmax
+    # with the vision markers forbidden (sampling.forbid_vision_tokens: bias -100).
     from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from sophiavl_mcore.rollout.interface import vision_token_ids
+
+    vision = vision_token_ids(engine.tokenizer)
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_vl_dir),
                                                             dtype=torch.float32).eval()
@@ -59,6 +64,7 @@ def test_generate_n_samples_shapes_and_logprobs_match_hf(engine, tiny_vl_dir):
             ids = torch.tensor(np.concatenate([res.prompt_token_ids, s.token_ids]))[None]
             with torch.no_grad():
                 logits = hf(input_ids=ids).logits[0].float()
+            logits[:, vision] -= 100.0
             p = len(res.prompt_token_ids)
             ref = torch.log_softmax(logits[p - 1:-1], dim=-1)
             ref = ref.gather(1, torch.from_numpy(s.token_ids)[:, None])[:, 0].numpy()
@@ -167,3 +173,24 @@ def test_rollout_config_rejects_impossible_values():
                       sampling=SamplingConfig(max_tokens=1024))
     msg = str(err.value)
     assert "sleep_level=3" in msg and "max_tokens=1024" in msg and "max_model_len=512" in msg
+
+
+def test_vision_tokens_are_never_sampled(engine):
+    """A near-uniform random policy samples the image markers now and then; with
+    ``forbid_vision_tokens`` (the default) it never does."""
+    from sophiavl_mcore.rollout.interface import vision_token_ids
+
+    vision = set(vision_token_ids(engine.tokenizer))
+    assert len(vision) >= 3  # the tiny tokenizer has no <|vision_pad|>
+    reqs = _text_requests(engine, 4)
+
+    def count(forbid: bool) -> tuple[int, int]:
+        out = engine.generate(reqs, SamplingConfig(n=16, temperature=1.5, max_tokens=32,
+                                                   forbid_vision_tokens=forbid))
+        toks = [t for seq in _tokens(out) for t in seq]
+        return sum(t in vision for t in toks), len(toks)
+
+    allowed, total_allowed = count(False)
+    assert allowed > 0, f"no vision token in {total_allowed} tokens: the control cannot fail"
+    forbidden, total = count(True)
+    assert total > 1000 and forbidden == 0, (forbidden, total)
