@@ -2,40 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
 from sophiavl_mcore.config import ConfigError, apply_overrides, load_config, to_dict
-from sophiavl_mcore.data.images import ImageConfig
-from sophiavl_mcore.data.records import DataConfig
-from sophiavl_mcore.parallel import ParallelConfig
-from sophiavl_mcore.rewards.config import RewardsConfig
-from sophiavl_mcore.trainer.loss import GRPOLossConfig
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "examples" / "configs").rglob("*.yaml"))
 
 
-@dataclasses.dataclass
-class Composed:
-    """A job config made of real sections, for the loader's generic behaviour."""
+def load(recipe=None, overrides=()):
+    """The training config with the least it needs (a tiny model, the synthetic task)."""
+    from sophiavl_mcore.trainer.setup import GRPOTrainConfig
 
-    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    images: ImageConfig = dataclasses.field(default_factory=ImageConfig)
-    rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
-    loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
-    seed: int = 1234
-
-
-def load(recipe=None, overrides=()) -> Composed:
-    return load_config(recipe, overrides, cls=Composed)
+    return load_config(recipe, ["model.tiny=true", "task.enabled=true", *overrides],
+                       cls=GRPOTrainConfig)
 
 
 def test_defaults_match_the_paper() -> None:
-    cfg = Composed()
+    cfg = load()
     assert cfg.rewards.trust_grpo.alpha == 0.3
     assert cfg.rewards.trust_grpo.use_trust and cfg.rewards.trust_grpo.use_annealing
     assert cfg.rewards.format_weight == 0.0
