@@ -52,9 +52,14 @@ _OPTIMIZER_MODULES = (
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Adam + LR schedule. ``lr`` is the peak; steps count optimizer updates.
+    """Megatron's Adam (or SGD) + LR schedule. ``lr`` is the peak; steps count updates.
 
     Attributes:
+        optimizer: ``adam`` (AdamW) or ``sgd`` (with ``sgd_momentum``). SGD moves each
+            weight in proportion to its gradient, where Adam moves every weight with a
+            non-zero gradient by about ``lr``: for tiny models at large learning rates
+            that difference decides whether updates stay on the few weights that carry
+            the reward signal.
         lr: peak learning rate (after warmup).
         min_lr: floor of the decay (cosine / linear end at ``min_lr``).
         weight_decay: decoupled (AdamW) weight decay; Megatron skips biases and norms.
@@ -67,6 +72,8 @@ class OptimConfig:
         use_distributed_optimizer: shard optimizer state over data-parallel ranks.
     """
 
+    optimizer: Literal["adam", "sgd"] = "adam"
+    sgd_momentum: float = 0.9
     lr: float = 1e-5
     min_lr: float = 0.0
     weight_decay: float = 0.0
@@ -90,6 +97,8 @@ class OptimConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0 <= self.sgd_momentum < 1:
+            errors.append(f"sgd_momentum={self.sgd_momentum} must be in [0, 1)")
         if not self.adam_eps > 0:
             errors.append(f"adam_eps={self.adam_eps} must be > 0")
         if self.clip_grad < 0:
@@ -190,7 +199,8 @@ def build_optimizer(ddp_chunks: list[Any], cfg: OptimConfig, total_steps: int) -
     params_dtype = next(ddp_chunks[0].parameters()).dtype
     dp = parallel_state.get_data_parallel_world_size()
     mcfg = OptimizerConfig(
-        optimizer="adam",
+        optimizer=cfg.optimizer,
+        sgd_momentum=cfg.sgd_momentum,
         lr=cfg.lr,
         min_lr=cfg.min_lr,
         weight_decay=cfg.weight_decay,
