@@ -228,10 +228,12 @@ class SlurmCluster:
         return subprocess.run([which("scontrol"), *args], env=self.env,
                               capture_output=True).returncode == 0
 
-    def _node_idle(self) -> bool:
+    def _node_idle(self, exact: bool = False) -> bool:
+        """IDLE in the node's state (``exact``: nothing else, e.g. not IDLE+COMPLETING)."""
         res = subprocess.run([which("scontrol"), "show", "node", self.node, "-o"],
                              env=self.env, capture_output=True, text=True)
-        return res.returncode == 0 and "IDLE" in _parse_record(res.stdout).get("State", "")
+        state = _parse_record(res.stdout).get("State", "") if res.returncode == 0 else ""
+        return state == "IDLE" if exact else "IDLE" in state
 
     def daemon_logs(self, tail_lines: int = 30) -> str:
         """Last lines of each daemon's log (for failure messages)."""
@@ -307,6 +309,14 @@ class SlurmCluster:
             if state in TERMINAL_STATES or time.monotonic() > deadline:
                 raise SlurmError(f"job {job_id} is {state}, not PENDING for a restart")
             time.sleep(1.0)
+        # slurmd refuses to launch a job whose new credential is not newer, at one-second
+        # resolution, than the revocation of its previous run ("Job credential revoked"):
+        # wait until the node has finished that run, then let the clock pass it.
+        while not self._node_idle(exact=True):
+            if time.monotonic() > deadline:
+                raise SlurmError(f"node {self.node} still busy with job {job_id}'s old run")
+            time.sleep(0.5)
+        time.sleep(2.0)
         self.run_client("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     def cancel_all(self, timeout_s: float | None = None) -> None:
