@@ -11,16 +11,13 @@ Ablations: ``rewards.trust_grpo.use_thinking / use_trust / use_annealing``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from sophiavl_mcore.config import load_config, to_dict
+from sophiavl_mcore.config import to_dict
 from sophiavl_mcore.trainer.setup import GRPOTrainConfig, check_world, model_dims
 
 logger = logging.getLogger(__name__)
@@ -126,25 +123,14 @@ def _shutdown(run: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sophiavl_mcore.logging import setup_logging
+    from sophiavl_mcore.cli import job_parser, run_job
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML recipe")
-    parser.add_argument("--dry-run", action="store_true", help="validate, print the layout, exit")
+    parser = job_parser(__doc__.split("\n\n")[0], "validate, print the layout, exit")
     parser.add_argument("--resume", action="store_true",
                         help="require a checkpoint to continue from (default: automatic)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
-    setup_logging()
-    overrides = [*args.overrides, *(["checkpoint.resume=must"] if args.resume else [])]
-    cfg = load_config(args.config, overrides, cls=GRPOTrainConfig)
-    if args.dry_run:
-        dry_run(cfg)
-        return 0
-    train(cfg)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
+    return run_job(args, GRPOTrainConfig, dry_run, train,
+                   ["checkpoint.resume=must"] if args.resume else [])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ line, and ``output_dir/metrics.jsonl`` (rank 0).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -24,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from sophiavl_mcore.config import load_config, to_dict
+from sophiavl_mcore.config import to_dict
 from sophiavl_mcore.data.images import ImageConfig
 from sophiavl_mcore.parallel import ParallelConfig
 from sophiavl_mcore.trainer.optim import OptimConfig
@@ -231,22 +230,10 @@ def dry_run(cfg: TRMTrainConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sophiavl_mcore.logging import setup_logging
+    from sophiavl_mcore.cli import job_parser, run_job
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML recipe")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and exit")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
-    setup_logging()
-    cfg = load_config(args.config, args.overrides, cls=TRMTrainConfig)
-    if args.dry_run:
-        dry_run(cfg)
-        return 0
-    train(cfg)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
+    args = job_parser(__doc__.split("\n\n")[0], "validate the config and exit").parse_args(argv)
+    return run_job(args, TRMTrainConfig, dry_run, train)
 
 
 def _main_cli() -> Any:  # pragma: no cover - process entry
