@@ -56,6 +56,9 @@ def reward_metrics(roll: Any, trust: Any, advantages: np.ndarray) -> dict[str, f
     out.update(_stats("reward/total", total))
     out["reward/accuracy_mean"] = float(np.mean(roll.accuracy))
     out["reward/format_ok_frac"] = float(np.mean(roll.well_formed))
+    formed = np.asarray(roll.well_formed, dtype=bool)
+    if formed.any():  # learning to answer, told apart from learning the format
+        out["reward/accuracy_well_formed"] = float(np.mean(roll.accuracy[formed]))
     scored = thinking[np.isfinite(thinking)]
     out["reward/thinking_mean"] = float(scored.mean()) if scored.size else float("nan")
     out["reward/thinking_scored_frac"] = scored.size / max(thinking.size, 1)
@@ -85,7 +88,23 @@ def rollout_metrics(roll: Any) -> dict[str, float]:
     out["rollout/truncated_frac"] = finish.count("length") / max(len(finish), 1)
     out["rollout/prompts"] = float(len(roll.records))
     out["rollout/responses"] = float(len(finish))
+    out.update(answer_metrics([[s["text"] for s in g] for g in roll.responses]))
     return out
+
+
+def answer_metrics(groups: list[list[str]]) -> dict[str, float]:
+    """How varied the well-formed answers are: ``rollout/answer_top_frac`` is the share
+    of the most common answer over the step, ``rollout/answer_distinct`` the mean number
+    of distinct answers per group (1 everywhere = no group can produce an advantage)."""
+    from sophiavl_mcore.rewards.outcome import parse_response
+
+    answers = [[p.answer for p in map(parse_response, g) if p.well_formed] for g in groups]
+    flat = [a for g in answers for a in g]
+    if not flat:
+        return {}
+    _, counts = np.unique(flat, return_counts=True)
+    return {"rollout/answer_top_frac": float(counts.max() / len(flat)),
+            "rollout/answer_distinct": float(np.mean([len(set(g)) for g in answers if g]))}
 
 
 def sample_text(roll: Any, k: int = 4) -> str:

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 
 TOTAL = 6
 SHORT = (f"train.total_steps={TOTAL}", "warm_start.steps=10", "train.val_every=0",
-         "train.log_samples_every=0", "checkpoint.save_interval=0", "export_hf=false")
+         "train.log_samples_every=0", "checkpoint.save_interval=0", "export_hf=false",
+         "train.prompts_per_step=8")
 
 
 def _cmd(out: Path) -> list[str]:

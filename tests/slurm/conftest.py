@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_WRAPPER = ROOT / "examples" / "slurm" / "tiny_cpu.sh"
 # Short runs: a few warm-start steps (the format need not be learned here), no
 # validation, no HF export; what is under test is the launch, not the learning.
-SHORT = ["warm_start.steps=4", "train.val_every=0", "train.log_samples_every=0",
+SHORT = ["warm_start.steps=4", "train.val_every=0", "train.log_samples_every=0", "train.prompts_per_step=8",
          "export_hf=false"]
 
 
