@@ -133,9 +133,23 @@ def _register_cpu_compat() -> None:
             cpu_compat.register_module(name)
 
 
+def decay_horizon(cfg: OptimConfig, total_steps: int) -> int:
+    """Updates over which the LR decays: ``decay_steps``, else the run's ``total_steps``.
+
+    A ``constant`` schedule without ``decay_steps`` never decays, so its horizon only has
+    to clear the warmup (Megatron's scheduler asserts warmup < horizon): a short debug
+    run of a recipe with a 10-step warmup then simply ends while still warming up.
+    """
+    if cfg.decay_steps:
+        return cfg.decay_steps
+    if cfg.decay_style == "constant":
+        return max(total_steps, cfg.warmup_steps + 1)
+    return total_steps
+
+
 def check_schedule(cfg: OptimConfig, total_steps: int) -> None:
     """Megatron's scheduler needs warmup_steps < the decay horizon (strictly)."""
-    decay_steps = cfg.decay_steps or total_steps
+    decay_steps = decay_horizon(cfg, total_steps)
     if total_steps < 1 or cfg.warmup_steps >= decay_steps:
         raise ValueError(f"optim: warmup_steps={cfg.warmup_steps} must be < the decay horizon "
                          f"{decay_steps} (decay_steps={cfg.decay_steps}, total_steps={total_steps})")
@@ -193,7 +207,7 @@ def build_optimizer(ddp_chunks: list[Any], cfg: OptimConfig, total_steps: int) -
     if total_steps < 1:
         raise ValueError(f"optim: total_steps={total_steps} must be >= 1")
     check_schedule(cfg, total_steps)
-    decay_steps = cfg.decay_steps or total_steps
+    decay_steps = decay_horizon(cfg, total_steps)
     check_backend(cfg)
     _register_cpu_compat()
     params_dtype = next(ddp_chunks[0].parameters()).dtype

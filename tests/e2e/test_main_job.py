@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.e2e.conftest import RECIPE
 
@@ -89,7 +90,9 @@ def test_dry_run_prints_layout_without_building(tmp_path, capfd) -> None:
 
     assert main(["--config", str(RECIPE), f"output_dir={tmp_path}", "--dry-run"]) == 0
     err = capfd.readouterr().err
-    assert "tp=2 pp=1 dp=1" in err and "64 responses/step" in err
+    recipe = yaml.safe_load(RECIPE.read_text())
+    per_step = recipe["train"]["prompts_per_step"] * recipe["rollout"]["sampling"]["n"]
+    assert "tp=2 pp=1 dp=1" in err and f"{per_step} responses/step" in err
     assert not (tmp_path / "tiny_model").exists()
 
 
@@ -97,7 +100,8 @@ def test_dry_run_prints_layout_without_building(tmp_path, capfd) -> None:
     ("train.total_steps=0", "total_steps=0 must be >= 1"),
     ("rollout.sampling.n=1", "rollout.sampling.n=1"),
     ("loss.kl_coef=0.1", None),  # valid
-    ("reference.enabled=false", "kl_coef=0.02 > 0 needs reference.enabled=true"),
+    ("reference.enabled=false",
+     f"kl_coef={yaml.safe_load(RECIPE.read_text())['loss']['kl_coef']} > 0 needs reference.enabled=true"),
     ("train.bogus=1", "unknown key(s) train.bogus"),
 ])
 def test_config_errors_name_the_key(tmp_path, override, message) -> None:
