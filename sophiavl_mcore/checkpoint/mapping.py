@@ -151,13 +151,25 @@ class ConversionPlan:
             halves = [p.chunk(2, dim=0) for p in parts]
             return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
         if rule.kind == "qkv":
-            d, ng = self.dims.head_dim, self.dims.num_kv_heads
-            per = self.dims.num_heads // ng
-            tail = parts[0].shape[1:]
-            full = torch.cat([p.reshape(-1, (per + 2) * d, *tail) for p in parts])
-            q, k, v = full.split([per * d, d, d], dim=1)
-            return [x.reshape(-1, *tail) for x in (q, k, v)]
+            return self._merge_qkv(parts)
         raise ValueError(f"unknown rule kind {rule.kind}")
+
+    def _merge_qkv(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """HF q, k, v [heads·d, ...] from the TP ranks' fused qkv (rows grouped per KV
+        head: [q of the group, k, v]); each byte is copied once, straight into place
+        (the live weight sync runs this every step)."""
+        d, groups = self.dims.head_dim, self.dims.num_kv_heads
+        rows = (self.dims.num_heads // groups * d, d, d)
+        tail = tuple(parts[0].shape[1:])
+        outs = [torch.empty((groups * n, *tail), dtype=parts[0].dtype) for n in rows]
+        views = [o.view(groups, n, *tail) for o, n in zip(outs, rows, strict=True)]
+        first = 0
+        for part in parts:
+            grouped = part.reshape(-1, sum(rows), *tail)  # a view for contiguous parts
+            for view, piece in zip(views, grouped.split(rows, dim=1), strict=True):
+                view[first:first + grouped.shape[0]].copy_(piece)
+            first += grouped.shape[0]
+        return outs
 
 
 # --------------------------------------------------------------- extension registry

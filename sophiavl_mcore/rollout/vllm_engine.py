@@ -187,7 +187,7 @@ class VllmRolloutEngine(RolloutEngine):
             if ids:
                 logger.warning("aborting %d unfinished request(s) after an engine error", len(ids))
                 engine.abort_request(ids, internal=True)
-            self._invalidate_caches()
+            self.invalidate_caches()
         except Exception as err:
             logger.error("could not clean up after an engine error: %r", err)
 
@@ -260,7 +260,7 @@ class VllmRolloutEngine(RolloutEngine):
             ) from err
         if state["count"] == 0:
             raise RolloutWeightError("load_weights got an empty iterator; nothing was loaded")
-        self._invalidate_caches()
+        self.invalidate_caches()
         self.policy_version = self.policy_version + 1 if version is None else int(version)
         logger.debug("loaded %d tensors, policy_version=%d", state["count"], self.policy_version)
         return self.policy_version
@@ -274,12 +274,14 @@ class VllmRolloutEngine(RolloutEngine):
             self._llm.collective_rpc(_finalize_reload_on_worker)
         except Exception as err:
             logger.error("could not restore the engine after a failed weight update: %r", err)
-        self._invalidate_caches()
+        self.invalidate_caches()
 
-    def _invalidate_caches(self) -> None:
-        # Prefix KV and vision-encoder outputs were computed with the old weights; the
-        # worker already dropped its side of the multimodal caches in reload_weights,
-        # so the front-end and scheduler sides must be dropped too or they go out of sync.
+    def invalidate_caches(self) -> None:
+        """Drop prefix KV, encoder outputs (scheduler *and* worker side) and the
+        front-end multimodal cache: all were computed with the previous weights. Call
+        after any write to the weights, even a partial one."""
+        # Dropping only one side leaves the scheduler believing an encoder output is
+        # cached that the worker no longer has ("Encoder cache miss").
         self._llm.reset_mm_cache()
         self._llm.llm_engine.reset_encoder_cache()
         self._llm.reset_prefix_cache()

@@ -147,12 +147,14 @@ def decay_horizon(cfg: OptimConfig, total_steps: int) -> int:
     return total_steps
 
 
-def check_schedule(cfg: OptimConfig, total_steps: int) -> None:
-    """Megatron's scheduler needs warmup_steps < the decay horizon (strictly)."""
+def check_schedule(cfg: OptimConfig, total_steps: int) -> int:
+    """Megatron's scheduler needs warmup_steps < the decay horizon (strictly); returns
+    that horizon (:func:`decay_horizon`)."""
     decay_steps = decay_horizon(cfg, total_steps)
     if total_steps < 1 or cfg.warmup_steps >= decay_steps:
         raise ValueError(f"optim: warmup_steps={cfg.warmup_steps} must be < the decay horizon "
                          f"{decay_steps} (decay_steps={cfg.decay_steps}, total_steps={total_steps})")
+    return decay_steps
 
 
 def check_backend(cfg: OptimConfig) -> None:
@@ -206,8 +208,7 @@ def build_optimizer(ddp_chunks: list[Any], cfg: OptimConfig, total_steps: int) -
 
     if total_steps < 1:
         raise ValueError(f"optim: total_steps={total_steps} must be >= 1")
-    check_schedule(cfg, total_steps)
-    decay_steps = decay_horizon(cfg, total_steps)
+    decay_steps = check_schedule(cfg, total_steps)
     check_backend(cfg)
     _register_cpu_compat()
     params_dtype = next(ddp_chunks[0].parameters()).dtype

@@ -97,29 +97,9 @@ def _layers_per_stage(metas: list[dict], coords: list[RankCoord], pp: int) -> li
     return counts
 
 
-def merge_qkv(plan: ConversionPlan, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
-    """HF q, k, v [heads*d, ...] from Megatron's per-TP-rank fused qkv pieces (rows
-    grouped per KV head: [q of the group, k, v]); one copy per byte (``plan.merge``
-    concatenates, then copies each of q, k, v again)."""
-    d, groups = plan.dims.head_dim, plan.dims.num_kv_heads
-    rows = (plan.dims.num_heads // groups * d, d, d)
-    tail = tuple(pieces[0].shape[1:])
-    outs = [torch.empty((groups * n, *tail), dtype=pieces[0].dtype) for n in rows]
-    views = [o.view(groups, n, *tail) for o, n in zip(outs, rows, strict=True)]
-    first = 0
-    for piece in pieces:
-        grouped = piece.reshape(-1, sum(rows), *tail)  # a view: pieces are contiguous
-        for view, part in zip(views, grouped.split(rows, dim=1), strict=True):
-            view[first:first + grouped.shape[0]].copy_(part)
-        first += grouped.shape[0]
-    return outs
-
-
 def _merge(plan: ConversionPlan, rule: Any, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
     """Full HF tensors of ``rule``; with one piece, views instead of copies where the
     layouts agree (everything but the q/k/v regrouping)."""
-    if rule.kind == "qkv":
-        return merge_qkv(plan, pieces)
     if len(pieces) == 1:
         only = pieces[0]
         if rule.kind in ("replicated", "column", "row"):

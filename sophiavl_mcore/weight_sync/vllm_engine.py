@@ -97,6 +97,15 @@ def fused_target(hf_name: str, mapper: Any, packed: Mapping[str, list[str]]) -> 
     return module_path, pname, [hf_name]
 
 
+def packed_kernel_weight(module: torch.nn.Module, weight: torch.Tensor, in_features: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] a packed CPU GEMM really uses: ``cpu_linear(I_K) = W^T`` (exact:
+    each output is 1·w). ``weight``: the parameter handed to the kernel call."""
+    eye = torch.eye(in_features, dtype=dtype)
+    with torch.no_grad():
+        return module.cpu_linear(eye, weight, None).t()
+
+
 class VllmReadBack:
     """Read the engine's current value of an HF-named tensor (rollout TP = 1)."""
 
@@ -129,10 +138,8 @@ class VllmReadBack:
         values = [param.detach()] if param.numel() > 0 else []
         if pname == "weight" and hasattr(module, "cpu_linear") and not kernel_is_live(module):
             # The CPU kernel computes with its own packed copy, which must agree with a
-            # kept ``weight`` too (embeddings / LM head): identity in -> W^T out.
-            eye = torch.eye(in_features, dtype=param.dtype)
-            with torch.no_grad():
-                values.append(module.cpu_linear(eye, param, None).t().contiguous())
+            # kept ``weight`` too (embeddings / LM head).
+            values.append(packed_kernel_weight(module, param, in_features, param.dtype).contiguous())
         self._cache[key] = values
         return values
 

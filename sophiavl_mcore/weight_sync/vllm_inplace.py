@@ -95,10 +95,15 @@ def kernel_is_live(module: torch.nn.Module) -> bool:
     return module.cpu_linear is live_linear and module.weight.numel() > 0
 
 
-def _packed_weight(module: torch.nn.Module, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] the packed CPU kernel really uses (exact: each output is 1 * w)."""
-    eye = torch.eye(shape[1], dtype=dtype)
-    return module.cpu_linear(eye, module.weight, None).t()
+def weight_reload_meta(module: torch.nn.Module) -> torch.Tensor:
+    """vLLM's reload metadata of ``module.weight`` (a meta tensor with the parameter's
+    class, shape and loader attributes), kept when vLLM packed and dropped the weight."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    meta = get_layerwise_info(module).restore_metadata[0].get("weight")
+    if meta is None:
+        raise NotImplementedError(f"{type(module).__name__}: vLLM kept no reload metadata")
+    return meta
 
 
 def make_live(module: torch.nn.Module, overwritten: bool) -> bool:
@@ -125,13 +130,12 @@ def make_live(module: torch.nn.Module, overwritten: bool) -> bool:
     else:
         raise NotImplementedError(f"{type(module).__name__}: in-place update of {type(method).__name__}")
     if module.weight.numel() == 0:  # packed and dropped by vLLM: re-create the plain weight
-        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
         from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
         from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 
-        meta = get_layerwise_info(module).restore_metadata[0].get("weight")
-        if meta is None:
-            raise NotImplementedError(f"{type(module).__name__}: vLLM kept no reload metadata")
+        from sophiavl_mcore.weight_sync.vllm_engine import packed_kernel_weight
+
+        meta = weight_reload_meta(module)
         with torch.device(module.weight.device):
             # materialise first: restore_layer_refs edits the tensor's attributes in place
             weight = restore_layer_refs(materialize_meta_tensor(meta), module)
@@ -140,7 +144,7 @@ def make_live(module: torch.nn.Module, overwritten: bool) -> bool:
             if overwritten:
                 weight.zero_()
             else:
-                weight.copy_(_packed_weight(module, tuple(weight.shape), weight.dtype))
+                weight.copy_(packed_kernel_weight(module, module.weight, weight.shape[1], weight.dtype))
         module.weight = weight  # a Parameter subclass with vLLM's loader attributes
     live = copy.copy(method)
     live.__class__ = live_t
@@ -286,20 +290,11 @@ class InplaceUpdater:
                     self.repacker.finish_all()
         finally:
             # Any write, even a partial one, makes every weight-derived cache stale.
-            invalidate_caches(engine)
+            engine.invalidate_caches()
         if count["n"] == 0:
             raise ValueError("in-place load got an empty stream; nothing was loaded")
         engine.policy_version = engine.policy_version + 1 if version is None else int(version)
         return engine.policy_version
-
-
-def invalidate_caches(engine: Any) -> None:
-    """Drop prefix KV, encoder outputs (scheduler *and* worker side) and the front-end
-    multimodal cache of ``engine``: all were computed with the previous weights."""
-    llm = engine.llm
-    llm.reset_mm_cache()
-    llm.llm_engine.reset_encoder_cache()
-    llm.reset_prefix_cache()
 
 
 def live_report(model: torch.nn.Module) -> Mapping[str, int]:

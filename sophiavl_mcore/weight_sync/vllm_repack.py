@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from sophiavl_mcore.weight_sync.vllm_engine import packed_kernel_weight
+
 logger = logging.getLogger(__name__)
 
 
@@ -114,7 +116,8 @@ class Repacker:
         module = staged.module
         buf = self.pool.take(staged.shape, staged.param.dtype)
         if not staged.covered:  # keep the elements this sync does not write
-            buf.copy_(_packed_weight(module, staged.original_weight, staged.shape))
+            weight = staged.original_weight
+            buf.copy_(packed_kernel_weight(module, weight, staged.shape[1], weight.dtype))
         staged.buffer = buf
         staged.param.data = buf
 
@@ -151,14 +154,11 @@ def _full_shape(module: torch.nn.Module) -> tuple[int, int]:
 
 def _staging_param(module: torch.nn.Module) -> torch.Tensor:
     """An empty parameter with vLLM's class and loader attributes for ``module.weight``."""
-    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
     from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 
-    from sophiavl_mcore.weight_sync.vllm_inplace import original_loader
+    from sophiavl_mcore.weight_sync.vllm_inplace import original_loader, weight_reload_meta
 
-    meta = get_layerwise_info(module).restore_metadata[0].get("weight")
-    if meta is None:
-        raise NotImplementedError(f"{type(module).__name__}: vLLM kept no reload metadata")
+    meta = weight_reload_meta(module)
     param = torch.empty(0, dtype=meta.dtype)
     param.__class__ = meta.__class__
     param.__dict__ = meta.__dict__.copy()  # restore_layer_refs edits it in place
@@ -166,9 +166,3 @@ def _staging_param(module: torch.nn.Module) -> torch.Tensor:
     param.weight_loader = original_loader(param.weight_loader)
     return param
 
-
-def _packed_weight(module: torch.nn.Module, weight: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The weight [N, K] the packed CPU kernel really uses (exact: each output is 1 * w)."""
-    eye = torch.eye(shape[1], dtype=weight.dtype)
-    with torch.no_grad():
-        return module.cpu_linear(eye, weight, None).t()

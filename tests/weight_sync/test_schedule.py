@@ -72,16 +72,16 @@ def test_config_rejects_impossible_values():
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_merge_qkv_equals_plan_merge(tp):
-    """The one-copy q/k/v regrouping of the sync equals the checkpoint converter's."""
-    from sophiavl_mcore.weight_sync.megatron_sync import merge_qkv
-
+def test_qkv_merge_inverts_shard(tp):
+    """The one-copy q/k/v regrouping (``ConversionPlan.merge``, run by every sync)
+    gives back the HF tensors that ``shard`` (concatenate + chunk) split over TP."""
     plan = build_plan(read_lm_dims(CFG), tp, 1)
     g = torch.Generator().manual_seed(tp)
     for rule in (r for r in plan.rules if r.kind == "qkv"):
-        shape = plan.rank_shape(rule)
-        pieces = [torch.randn(shape, generator=g) for _ in range(tp)]
-        ours, ref = merge_qkv(plan, pieces), plan.merge(rule, pieces)
-        assert [t.shape for t in ours] == [torch.Size(s) for s in rule.hf_shapes]
-        for a, b in zip(ours, ref, strict=True):
+        hf = [torch.randn(s, generator=g) for s in rule.hf_shapes]
+        pieces = [plan.shard(rule, hf, r).contiguous() for r in range(tp)]
+        assert all(tuple(p.shape) == plan.rank_shape(rule) for p in pieces)
+        merged = plan.merge(rule, pieces)
+        assert [t.shape for t in merged] == [torch.Size(s) for s in rule.hf_shapes]
+        for a, b in zip(merged, hf, strict=True):
             assert torch.equal(a, b)
