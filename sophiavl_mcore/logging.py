@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-METRIC_NAMESPACES: tuple[str, ...] = ("train/", "rollout/", "reward/", "timing/", "perf/", "data/", "val/")
+METRIC_NAMESPACES: tuple[str, ...] = ("train/", "rollout/", "reward/", "timing/", "perf/", "data/", "val/", "weight_sync/")
 
 
 def current_rank() -> int:

@@ -3,9 +3,11 @@
     torchrun --nproc-per-node 2 -m sophiavl_mcore.train \
         --config examples/configs/tiny_cpu.yaml [key.sub=value ...] [--dry-run]
 
-One step: sample prompts → N rollouts per prompt (vLLM) → outcome R^o + thinking R^t
-(TRM) → Trust-GRPO rewards R = R^o + γ·α·e^(−step/T)·R^t and group advantages →
-old + reference log-probs → PPO-clip + KL update → weight sync to vLLM → metrics.
+One step: sample prompts → each rollout engine (one per ``rollout.tensor_parallel_size``
+ranks) answers its share, N samples per prompt (vLLM) → outcome R^o + thinking R^t
+(TRM) → Trust-GRPO rewards R = R^o + γ·α·e^(−step/T)·R^t and group advantages, per
+engine → responses to the data-parallel layout → old + reference log-probs → PPO-clip
++ KL update → weight sync into every engine → metrics.
 Ablations: ``rewards.trust_grpo.use_thinking / use_trust / use_annealing``.
 """
 
@@ -24,70 +26,69 @@ logger = logging.getLogger(__name__)
 
 
 def dry_run(cfg: GRPOTrainConfig) -> int:
-    """Validate config + layout for ``WORLD_SIZE`` (or tp·pp) ranks and print it."""
+    """Validate config + trainer and rollout layouts for ``WORLD_SIZE`` (or tp·pp) ranks
+    and print them; needs the model's ``config.json`` only."""
+    from sophiavl_mcore.trainer.build import engine_layout
+
     world = int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp))
     dp = check_world(cfg, world)
+    layout = engine_layout(cfg, world)
     layers, heads, groups = model_dims(cfg)
     per_stage = cfg.parallel.layers_per_stage or [layers // cfg.parallel.pp] * cfg.parallel.pp
     logger.info("config OK: world=%d tp=%d pp=%d dp=%d; %d layers (%s per stage), %d heads, "
-                "%d kv heads; %d responses/step (%d prompts × n=%d), %d steps\n%s",
+                "%d kv heads; %d responses/step (%d prompts × n=%d), %d steps\n%s\n%s",
                 world, cfg.parallel.tp, cfg.parallel.pp, dp, layers, per_stage, heads, groups,
                 cfg.responses_per_step, cfg.train.prompts_per_step, cfg.rollout.sampling.n,
-                cfg.train.total_steps, json.dumps(to_dict(cfg), indent=1))
+                cfg.train.total_steps, layout.describe(), json.dumps(to_dict(cfg), indent=1))
     return dp
 
 
 def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
-    """The whole run; returns per-step metrics (identical on every rank)."""
+    """The whole run (the paper's algorithm, one step per iteration); returns per-step
+    metrics (identical on every rank)."""
     from sophiavl_mcore.data.records import load_records
     from sophiavl_mcore.logging import MetricsWriter, console_line
-    from sophiavl_mcore.rewards.trust_grpo import group_advantages, trust_grpo
-    from sophiavl_mcore.trainer import loop
-    from sophiavl_mcore.trainer.metrics import (
-        CONSOLE_KEYS,
-        PhaseTimer,
-        log_step,
-        reward_metrics,
-        rollout_metrics,
-    )
+    from sophiavl_mcore.trainer.build import build_trainer
+    from sophiavl_mcore.trainer.grpo_trainer import seed_everything
+    from sophiavl_mcore.trainer.metrics import CONSOLE_KEYS, PhaseTimer, log_step, reward_metrics
     from sophiavl_mcore.trainer.preemption import PreemptionWatcher, write_run_state
-    from sophiavl_mcore.trainer.setup import prepare_files, val_path
+    from sophiavl_mcore.trainer.setup import val_path
+    from sophiavl_mcore.trainer.step_data import gather_scalars, rollout_metrics
     from sophiavl_mcore.trainer.validation import evaluate
 
-    check_world(cfg, int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp)))
-    cfg = prepare_files(cfg)
-    loop.seed_everything(cfg.seed)
-    rank = int(os.environ.get("RANK", "0"))
-    engine = loop.build_engine(cfg) if rank == 0 else None
-    run = loop.build_run(cfg, engine)
+    seed_everything(cfg.seed)
+    trainer = build_trainer(cfg)
+    cfg = trainer.cfg
+    rank, total = trainer.info.rank, cfg.train.total_steps
     out = Path(cfg.output_dir)
-    writer = MetricsWriter(out / "tb", rank=run.info.rank)
+    writer = MetricsWriter(out / "tb", rank=rank)
     vpath = val_path(cfg)
     val_records = load_records(vpath)[:cfg.train.val_size] if vpath else []
-    trust_cfg, n, total = cfg.rewards.trust_grpo, cfg.rollout.sampling.n, cfg.train.total_steps
     history: list[dict[str, float]] = []
-    jsonl = (out / "metrics.jsonl").open("a" if run.start_step > 1 else "w") if run.info.rank == 0 else None
-    last_step = run.start_step - 1
+    jsonl = (out / "metrics.jsonl").open("a" if trainer.start_step > 1 else "w") if rank == 0 else None
+    last_step = trainer.start_step - 1
     with PreemptionWatcher() as watcher:
-        for step in range(run.start_step, total + 1):
+        for step in range(trainer.start_step, total + 1):
             timer = PhaseTimer()
+            records = trainer.sampler.next_batch(cfg.train.prompts_per_step)
             with timer("rollout"):
-                roll = loop.rollout_step(run, run.sampler.next_batch(cfg.train.prompts_per_step),
-                                         step)
+                roll = trainer.rollout(records, step)
             with timer("reward"):
-                trust = trust_grpo(roll.outcome, roll.thinking, group_size=n, step=step - 1,
-                                   total_steps=total, config=trust_cfg)
-                adv = group_advantages(trust.reward, group_size=n, config=trust_cfg)
-            batch = loop.to_batch(run, roll, adv)
-            metrics = loop.train_on_batch(run, batch, timer)
+                scores = trainer.score(roll, step)
+                scalars = gather_scalars(trainer.layout, records, roll, scores)
+            with timer("exchange"):
+                batch, received = trainer.exchange(roll, scores, records)
+            metrics = trainer.update(batch, timer)
             with timer("weight_sync"):
-                run.sync.sync(version=step)
-            metrics.update(reward_metrics(roll, trust, adv))
-            metrics.update(rollout_metrics(roll))
+                metrics.update(trainer.sync(step))
+            metrics["rollout/exchange_bytes_rank"] = float(received)
+            metrics.update(reward_metrics(scalars, scalars.trust, scalars.columns["advantage"]))
+            metrics.update(rollout_metrics(scalars, trainer.layout))
             metrics.update(timer.metrics())
             if cfg.train.val_every and (step % cfg.train.val_every == 0 or step == total) and val_records:
-                metrics.update(evaluate(run, val_records))
-            log_step(writer, step, metrics, roll, trust, cfg.train.log_samples_every)
+                metrics.update(evaluate(trainer, val_records))
+            log_step(writer, step, metrics, sample_view(roll, scores), scalars.trust,
+                     cfg.train.log_samples_every)
             history.append(metrics)
             if jsonl is not None:
                 jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -95,8 +96,8 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
             logger.info(console_line(step, metrics, CONSOLE_KEYS))
             last_step = step
             preempted = watcher.agreed()
-            if run.ckpt.should_save(step, total) or (preempted and step < total):
-                loop.save_checkpoint(run, step)
+            if trainer.ckpt.should_save(step, total) or (preempted and step < total):
+                trainer.save(step)
             if preempted and step < total:
                 logger.warning("%s received: checkpoint at step %d saved, stopping for a restart",
                                getattr(watcher.received, "name", "a signal on another rank"), step)
@@ -106,20 +107,18 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     writer.close()
     finished = last_step >= total
     if finished and cfg.export_hf:
-        loop.export(run)
-    if run.info.rank == 0:
+        trainer.export()
+    if rank == 0:
         write_run_state(out, "complete" if finished else "preempted", last_step)
-    _shutdown(run)
+    trainer.close()
     return history
 
 
-def _shutdown(run: object) -> None:
-    from sophiavl_mcore.parallel import destroy_parallel
-    from sophiavl_mcore.weight_sync.vllm_engine import close_colocated_engine
+def sample_view(roll: object, scores: object) -> object:
+    """The first group of this rank's engine, for the TensorBoard sample text/image."""
+    from sophiavl_mcore.trainer.step_data import SampleView
 
-    if getattr(run, "engine", None) is not None:
-        close_colocated_engine(run.engine)
-    destroy_parallel(keep_process_group=True)
+    return SampleView.of(roll, scores)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

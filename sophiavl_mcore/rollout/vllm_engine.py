@@ -79,9 +79,13 @@ def to_sampling_params(sampling: SamplingConfig, seed_offset: int = 0,
 
 
 class VllmRolloutEngine(RolloutEngine):
-    """:class:`RolloutEngine` on an in-process ``vllm.LLM``."""
+    """:class:`RolloutEngine` on an in-process ``vllm.LLM``.
 
-    def __init__(self, cfg: RolloutConfig) -> None:
+    ``data_parallel_size`` > 1 (with ``external_launcher``): this rank is part of one of
+    several SPMD engines in the caller's world (:mod:`sophiavl_mcore.rollout.spmd`).
+    """
+
+    def __init__(self, cfg: RolloutConfig, data_parallel_size: int = 1) -> None:
         if not cfg.model:
             raise ValueError("rollout.model is empty: set it to an HF checkpoint directory")
         if not os.path.isdir(cfg.model):
@@ -105,6 +109,7 @@ class VllmRolloutEngine(RolloutEngine):
             tokenizer=cfg.tokenizer or cfg.model,
             dtype=cfg.dtype,
             tensor_parallel_size=cfg.tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
             distributed_executor_backend=cfg.distributed_executor_backend,
             max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs,

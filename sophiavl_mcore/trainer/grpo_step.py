@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -124,13 +124,14 @@ def _model_forward(model: Any, t: dict[str, Any]) -> torch.Tensor:
 
 
 def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                    valid_vocab: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    valid_vocab: int, chunk_size: int, biased_ids: Sequence[int] = ()
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(labels.shape):
         raise RuntimeError(f"last stage returned {tuple(logits.shape)}; expected vocab-parallel "
                            f"logits [B, S, V/TP] with [B, S] = {tuple(labels.shape)}")
     return vocab_parallel_logprobs_and_entropy(
         logits, labels, _tp_group(), temperature=temperature, valid_vocab_size=valid_vocab,
-        chunk_size=chunk_size)
+        chunk_size=chunk_size, biased_ids=biased_ids)
 
 
 @contextlib.contextmanager
@@ -213,7 +214,7 @@ def compute_logprobs(
 
         def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
             lp, ent = _token_logprobs(logits, mb.tensors["labels"], temperature, valid,
-                                      chunk_size)
+                                      chunk_size, batch.biased_ids)
             rows = zip(mb.indices, extract_per_token(lp.float().cpu(), mb.prompt_lens,
                                                      mb.response_lens), strict=True)
             found.update(rows)
@@ -381,7 +382,8 @@ def grpo_train_step(
         output = _model_forward(stage, t)
 
         def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-            lp, ent = _token_logprobs(logits, t["labels"], temperature, valid, chunk_size)
+            lp, ent = _token_logprobs(logits, t["labels"], temperature, valid, chunk_size,
+                                      batch.biased_ids)
             old = t["old_logprobs"] if "old_logprobs" in t else lp.detach()
             loss, metrics = grpo_loss(
                 lp, old, t.get("ref_logprobs"), t["advantages"], t["response_mask"],

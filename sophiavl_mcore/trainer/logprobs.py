@@ -35,6 +35,7 @@ vocabulary size; their gradient is zero.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -75,6 +76,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         valid_local: int,
         temperature: float,
         chunk_size: int,
+        biased_cols: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         size, _ = _group_size_rank(group)
         n = logits.shape[0]
@@ -89,7 +91,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         local_target = torch.where(in_shard, local_target, torch.zeros_like(local_target))
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            x = _scaled_chunk(logits, s, e, valid_local, cdt, inv_t)
+            x = _scaled_chunk(logits, s, e, valid_local, cdt, inv_t, biased_cols)
             if valid_local > 0:
                 m = x.amax(dim=-1)
             else:  # this rank holds only padding columns
@@ -115,6 +117,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
             logp[s:e] = sums[2] - log_s1
         ctx.save_for_backward(logits, local_target, in_shard, lse, ent)
         ctx.inv_t, ctx.valid_local, ctx.chunk_size = inv_t, valid_local, chunk_size
+        ctx.biased_cols = biased_cols
         ctx.set_materialize_grads(False)
         return logp, ent
 
@@ -128,11 +131,11 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         # padded vocabulary columns (≥ valid_local) get zero gradient
         grad = torch.empty_like(logits) if vl == vp else torch.zeros_like(logits)
         if vl == 0 or (grad_logp is None and grad_ent is None):
-            return grad.zero_(), None, None, None, None, None, None
+            return grad.zero_(), None, None, None, None, None, None, None
         # Two fp32 chunk buffers, updated in place: a = log p (then the gradient), p.
         for s in range(0, n, cs):
             e = min(s + cs, n)
-            a = _scaled_chunk(logits, s, e, vl, lse.dtype, inv_t)
+            a = _scaled_chunk(logits, s, e, vl, lse.dtype, inv_t, ctx.biased_cols)
             a.sub_(lse[s:e].unsqueeze(-1))
             p = torch.exp(a)
             if grad_ent is not None:  # dH/dx_j = −p_j (log p_j + H)
@@ -149,13 +152,21 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
             if inv_t != 1.0:
                 a.mul_(inv_t)
             grad[s:e, :vl].copy_(a)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
+
+
+# vLLM's strongest logit bias (``SamplingParams.logit_bias``), added before temperature.
+LOGIT_BIAS = -100.0
 
 
 def _scaled_chunk(logits: torch.Tensor, s: int, e: int, valid_local: int,
-                  dtype: torch.dtype, inv_t: float) -> torch.Tensor:
-    """A fresh ``dtype`` copy of rows [s, e), valid columns only, divided by T."""
+                  dtype: torch.dtype, inv_t: float,
+                  biased_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """A fresh ``dtype`` copy of rows [s, e), valid columns only, ``biased_cols`` shifted
+    by :data:`LOGIT_BIAS`, divided by T (vLLM's order: bias, then temperature)."""
     x = logits[s:e, :valid_local].to(dtype, copy=True)
+    if biased_cols is not None and biased_cols.numel():
+        x[:, biased_cols] += LOGIT_BIAS
     if inv_t != 1.0:
         x.mul_(inv_t)
     return x
@@ -170,6 +181,7 @@ def vocab_parallel_logprobs_and_entropy(
     temperature: float = 1.0,
     valid_vocab_size: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    biased_ids: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``target_ids`` and entropy of ``softmax(logits / temperature)``.
 
@@ -186,6 +198,9 @@ def vocab_parallel_logprobs_and_entropy(
         valid_vocab_size: real vocabulary size; ids at or above it (Megatron's vocabulary
             padding) are excluded from the softmax. Default: ``TP · V/TP`` (no padding).
         chunk_size: token positions processed per fp32 chunk.
+        biased_ids: global token ids whose logits get vLLM's logit bias of
+            :data:`LOGIT_BIAS` before the temperature — the distribution a vLLM engine
+            samples from with ``logit_bias`` on those ids (e.g. forbidden image markers).
 
     Returns:
         ``(logprobs, entropy)``, both fp32 ``[...]`` (fp64 for fp64 logits), in nats,
@@ -229,8 +244,11 @@ def vocab_parallel_logprobs_and_entropy(
     valid_local = max(0, min(vp, valid - start))
     flat_logits = logits_shard.reshape(-1, vp)
     flat_target = target_ids.reshape(-1).long()
+    local = [int(i) - start for i in biased_ids if 0 <= int(i) - start < valid_local]
+    cols = torch.tensor(local, dtype=torch.long, device=logits_shard.device) if local else None
     logp, ent = _VocabParallelLogprobsEntropy.apply(
-        flat_logits, flat_target, tp_group, start, valid_local, float(temperature), chunk_size
+        flat_logits, flat_target, tp_group, start, valid_local, float(temperature), chunk_size,
+        cols,
     )
     return logp.view(lead), ent.view(lead)
 

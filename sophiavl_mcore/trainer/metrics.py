@@ -62,7 +62,7 @@ def reward_metrics(roll: Any, trust: Any, advantages: np.ndarray) -> dict[str, f
     scored = thinking[np.isfinite(thinking)]
     out["reward/thinking_mean"] = float(scored.mean()) if scored.size else float("nan")
     out["reward/thinking_scored_frac"] = scored.size / max(thinking.size, 1)
-    n = len(roll.responses[0]) if roll.responses else 1
+    n = len(outcome) // max(len(roll.records), 1)
     types = np.repeat([r.problem_type for r in roll.records], n)
     for t in sorted(set(types)):
         key = t.replace(" ", "_")

@@ -18,6 +18,7 @@ step, or the whole step before :meth:`RolloutBatch.shard`), each with its own pr
                                        computes them once; every pass reuses them)
     old_logprobs[i]      fp32  [R_i]   trainer log-probs before the update (set by the loop)
     ref_logprobs[i]      fp32  [R_i]   frozen reference log-probs (set by the loop)
+    biased_ids                         token ids sampled with vLLM's logit bias (−100)
 
 **Micro-batch layout (right padding, no packing).** :meth:`RolloutBatch.micro_batches`
 sorts the responses by total length and cuts them into micro-batches of
@@ -121,6 +122,9 @@ class RolloutBatch:
     old_logprobs: list[torch.Tensor] | None = None
     ref_logprobs: list[torch.Tensor] | None = None
     pad_id: int = 0
+    # token ids the rollout engine never sampled (vLLM logit bias -100): the trainer's
+    # log-probs come from the same biased distribution, so old/new ratios are exact
+    biased_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
@@ -200,7 +204,7 @@ class RolloutBatch:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 out[f.name] = v[idx]
-            elif isinstance(v, list):
+            elif isinstance(v, list) and f.name != "biased_ids":
                 out[f.name] = [v[i] for i in idx]
             else:
                 out[f.name] = v

@@ -1,13 +1,20 @@
-"""Greedy validation on a held-out split: accuracy per problem_type (``val/`` metrics)."""
+"""Greedy validation on a held-out split: accuracy per problem_type (``val/`` metrics).
+
+Every rollout engine answers its contiguous slice of the records (one greedy sample
+each) and grades it; per-record results meet on every rank through one all-gather of
+fixed-size tensors, so every rank returns the same metrics.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
@@ -15,35 +22,57 @@ from sophiavl_mcore.data.records import Record
 logger = logging.getLogger(__name__)
 
 
-def evaluate(run: Any, records: Sequence[Record]) -> dict[str, float]:
-    """Collective: rank 0 answers every record greedily (one sample, temperature 0)
-    with the engine's current weights and grades it; all ranks return the metrics."""
+def _answer_slice(trainer: Any, records: Sequence[Record]) -> tuple[range, np.ndarray]:
+    """This engine's records and per record [answered, accuracy, well_formed]."""
     from sophiavl_mcore.data.prompts import build_prompt
     from sophiavl_mcore.rewards.outcome import OutcomeSample, score_outcomes
     from sophiavl_mcore.rollout.interface import RolloutRequest
 
-    box: list[Any] = [None]
-    if run.info.rank == 0:
-        try:
-            images = run.image_loader.load([r.image_path for r in records])
-            reqs, kept = [], []
-            for i, r in enumerate(records):
-                img = images.vllm_image(i)
-                if r.image_path is not None and img is None:
-                    continue
-                reqs.append(RolloutRequest(prompt=build_prompt(r, run.tokenizer, run.cfg.prompt),
-                                           images=[img] if img is not None else []))
-                kept.append(r)
-            greedy = dataclasses.replace(run.cfg.rollout.sampling, n=1, temperature=0.0, seed=0)
-            results = run.engine.generate(reqs, greedy)
-            scores = score_outcomes([OutcomeSample(r.problem_type, r.solution, res.samples[0].text,
-                                                   r.options) for r, res in zip(kept, results, strict=True)])
-            box[0] = _per_type(kept, scores.accuracy, scores.well_formed)
-        except Exception as err:  # a failed validation must not stop training
-            logger.exception("validation failed")
-            box[0] = {"val/failed": 1.0, "_err": repr(err)}
-    dist.broadcast_object_list(box, src=0)
-    return {k: v for k, v in box[0].items() if not k.startswith("_")}
+    layout = trainer.layout
+    per = math.ceil(len(records) / layout.num_engines)
+    e = layout.engine_of(trainer.info.rank)
+    span = range(min(e * per, len(records)), min((e + 1) * per, len(records)))
+    out = np.zeros((per, 3))
+    mine = [records[i] for i in span]
+    images = trainer.image_loader.load([r.image_path for r in mine])
+    reqs, kept = [], []
+    for i, r in enumerate(mine):
+        img = images.vllm_image(i)
+        if r.image_path is not None and img is None:
+            continue
+        reqs.append(RolloutRequest(prompt=build_prompt(r, trainer.tokenizer, trainer.cfg.prompt),
+                                   images=[img] if img is not None else []))
+        kept.append(i)
+    greedy = dataclasses.replace(trainer.cfg.rollout.sampling, n=1, temperature=0.0, seed=0)
+    results = trainer.engine.generate(reqs, greedy)  # every engine calls, maybe with none
+    scores = score_outcomes([OutcomeSample(mine[i].problem_type, mine[i].solution,
+                                           res.samples[0].text, mine[i].options)
+                             for i, res in zip(kept, results, strict=True)])
+    for j, i in enumerate(kept):
+        out[i] = (1.0, scores.accuracy[j], scores.well_formed[j])
+    return span, out
+
+
+def evaluate(trainer: Any, records: Sequence[Record]) -> dict[str, float]:
+    """Collective: greedy answers on every engine, graded; same metrics on every rank."""
+    layout = trainer.layout
+    per = math.ceil(len(records) / layout.num_engines)
+    failed = 0.0
+    try:
+        _, local = _answer_slice(trainer, records)
+    except Exception:  # a failed validation must not stop training
+        logger.exception("validation failed on rank %d", trainer.info.rank)
+        local, failed = np.zeros((per, 3)), 1.0
+    flat = torch.from_numpy(np.concatenate([local.reshape(-1), [failed]]))
+    out = [torch.empty_like(flat) for _ in range(layout.world)]
+    dist.all_gather(out, flat)
+    if any(float(t[-1]) for t in out):
+        return {"val/failed": 1.0}
+    rows = np.concatenate([out[layout.leader(e)][:-1].numpy().reshape(per, 3)
+                           for e in range(layout.num_engines)])[:len(records)]
+    answered = rows[:, 0] > 0
+    kept = [r for r, a in zip(records, answered, strict=True) if a]
+    return _per_type(kept, rows[answered, 1], rows[answered, 2])
 
 
 def _per_type(records: Sequence[Record], accuracy: np.ndarray, well_formed: np.ndarray

@@ -19,6 +19,7 @@ class SyncReport:
     """What one sync did, as seen by this rank.
 
     ``bytes_sent`` counts this rank's payload (the engine rank counts what it loaded);
+    ``bytes_received`` what reached this rank from other ranks (SPMD sync);
     ``peak_rss_delta_bytes`` is this process's peak resident memory during the sync
     minus its resident memory right before (sampled every few milliseconds).
     ``debug_max_abs_diff`` is ``None`` unless ``debug_compare`` is on.
@@ -34,6 +35,7 @@ class SyncReport:
     peak_rss_delta_bytes: int
     debug_max_abs_diff: float | None = None
     engine_update: str = ""
+    bytes_received: int = 0
 
     @property
     def gb_per_s(self) -> float:

@@ -1,0 +1,93 @@
+"""The reward stage of one engine's groups, in one place: outcome R^o (rules), thinking
+R^t (the TRM client), then Trust-GRPO (γ per group, annealing) and group advantages.
+
+Every quantity here is per group, so each rollout engine scores its own groups and no
+rank needs the others' responses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from sophiavl_mcore.data.records import Record
+from sophiavl_mcore.rewards.config import RewardsConfig
+from sophiavl_mcore.rewards.thinking import ThinkingRewardClient
+from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult, group_advantages, trust_grpo
+
+
+@dataclasses.dataclass
+class GroupScores:
+    """Rewards of ``G`` groups × ``n`` responses (group-major, M = G·n).
+
+    ``outcome`` / ``accuracy`` / ``well_formed`` / ``thinking`` f64 [M] (thinking NaN =
+    not scored); ``trust``: γ [G], μc/μw [G], final rewards [M]; ``advantages`` f64 [M];
+    ``trm_metrics``: the TRM client's counters for this call.
+    """
+
+    outcome: np.ndarray
+    accuracy: np.ndarray
+    well_formed: np.ndarray
+    thinking: np.ndarray
+    trust: TrustGRPOResult
+    advantages: np.ndarray
+    trm_metrics: dict[str, float]
+
+
+def outcome_scores(records: Sequence[Record], texts: Sequence[Sequence[str]], cfg: RewardsConfig
+                   ) -> Any:
+    """Rule-based R^o of every response (``texts[g][j]``: response j of group g)."""
+    from sophiavl_mcore.rewards.outcome import OutcomeSample, score_outcomes
+
+    samples = [OutcomeSample(r.problem_type, r.solution, t, r.options)
+               for r, group in zip(records, texts, strict=True) for t in group]
+    return score_outcomes(samples, cfg.format_weight)
+
+
+def thinking_requests(records: Sequence[Record], texts: Sequence[Sequence[str]],
+                      images: Sequence[Any], graded: np.ndarray) -> tuple[list[int], list[Any]]:
+    """(flat indices, TRM requests) of the responses the TRM grades (``graded`` [M])."""
+    from sophiavl_mcore.rewards.thinking import ThinkingRequest
+
+    idx, reqs = [], []
+    k = 0
+    for r, group, image in zip(records, texts, images, strict=True):
+        for t in group:
+            if graded[k]:
+                idx.append(k)
+                reqs.append(ThinkingRequest(r.problem, t, [image] if image is not None else []))
+            k += 1
+    return idx, reqs
+
+
+def score_groups(records: Sequence[Record], texts: Sequence[Sequence[str]], images: Sequence[Any],
+                 trm: ThinkingRewardClient | None, cfg: RewardsConfig, *, step: int,
+                 total_steps: int,
+                 agree: Callable[[np.ndarray], np.ndarray] | None = None) -> GroupScores:
+    """R^o, R^t, Trust-GRPO and advantages of these groups. ``step``: 0-based (the
+    annealing exponent). No TRM (or ``use_thinking`` off): R^t stays NaN. ``agree``:
+    makes every rank that scores these groups hold the same R^t [M] (e.g. a broadcast
+    from the one rank that asked the TRM) before γ is computed."""
+    n = len(texts[0]) if texts else 1
+    scores = outcome_scores(records, texts, cfg)
+    thinking = np.full(len(scores.reward), np.nan)
+    trm_metrics: dict[str, float] = {}
+    if trm is not None and cfg.trust_grpo.use_thinking:
+        # No <think> block to grade when the format gate fails: those stay NaN.
+        idx, reqs = thinking_requests(records, texts, images, np.asarray(scores.well_formed, bool))
+        if reqs:
+            ts = trm.score(reqs)
+            thinking[idx] = ts.scores
+            trm_metrics = ts.metrics("reward/trm")
+            trm_metrics["reward/trm_failures"] = float(sum(ts.failures.values()))
+    if agree is not None:
+        thinking = agree(thinking)
+    trust = trust_grpo(scores.reward, thinking, group_size=n, step=step, total_steps=total_steps,
+                       config=cfg.trust_grpo)
+    adv = group_advantages(trust.reward, group_size=n, config=cfg.trust_grpo)
+    return GroupScores(np.asarray(scores.reward, np.float64), np.asarray(scores.accuracy, np.float64),
+                       np.asarray(scores.well_formed, np.float64), thinking, trust,
+                       np.asarray(adv, np.float64), trm_metrics)

@@ -1,0 +1,161 @@
+"""Everything before step 1: the world, the engines, the policy, its optimizer and
+reference, the weight sync and the TRM client → a :class:`GRPOTrainer`.
+
+Order: rank 0 writes the tiny model and the task (no group exists yet); the trainer's
+world and Megatron's groups come next; then every rank builds its share of an SPMD
+vLLM engine inside that world (:mod:`~sophiavl_mcore.rollout.spmd`); then the policy,
+whose first weight sync makes every engine serve the trainer's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sophiavl_mcore.rollout.layout import EngineLayout, check_engine_layout
+from sophiavl_mcore.trainer.grpo_trainer import GRPOTrainer
+from sophiavl_mcore.trainer.setup import (
+    GRPOTrainConfig,
+    check_world,
+    model_dims,
+    model_dir,
+    prepare_files,
+    torch_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def engine_layout(cfg: GRPOTrainConfig, world: int) -> EngineLayout:
+    """The rollout layout for ``world`` ranks, validated (every number in the error)."""
+    from sophiavl_mcore.models.hf_config import load_config_json
+
+    _, heads, kv_heads = model_dims(cfg)
+    vision_heads = None
+    if not cfg.model.tiny:
+        config = load_config_json(cfg.model.hf_dir)
+        vision_heads = (config.get("vision_config") or {}).get("num_heads")
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    return check_engine_layout(world, cfg.rollout.tensor_parallel_size, cfg.train.prompts_per_step,
+                               cfg.rollout.sampling.n, num_heads=heads, num_kv_heads=kv_heads,
+                               vision_heads=vision_heads,
+                               ranks_per_node=int(per_node) if per_node else None)
+
+
+def build_policy(cfg: GRPOTrainConfig, info: Any) -> torch.nn.Module:
+    from sophiavl_mcore.models.qwen2_5_vl import VisionOptions, build_qwen2_5_vl
+
+    return build_qwen2_5_vl(model_dir(cfg), info, dtype=torch_dtype(cfg),
+                            vision=VisionOptions(freeze=cfg.model.freeze_vision, init_seed=cfg.seed),
+                            vocab_divisible_by=cfg.model.vocab_divisible_by,
+                            **cfg.model.transformer_overrides())
+
+
+def _engine_groups(layout: EngineLayout, rank: int) -> Any:
+    """This rank's engine as a torch process group (collective; None when RTP = 1)."""
+    if layout.rtp == 1:
+        return None
+    mine = None
+    for e in range(layout.num_engines):
+        group = dist.new_group(layout.ranks_of(e))
+        if layout.engine_of(rank) == e:
+            mine = group
+    return mine
+
+
+def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
+    """Collective over the job's ranks (``torchrun``)."""
+    from transformers import AutoTokenizer
+
+    from sophiavl_mcore.data.images import ImageLoader
+    from sophiavl_mcore.data.records import build_sampler
+    from sophiavl_mcore.parallel import initialize_parallel
+    from sophiavl_mcore.rewards.thinking import make_thinking_client
+    from sophiavl_mcore.rollout.interface import vision_token_ids
+    from sophiavl_mcore.rollout.spmd import build_spmd_engine
+    from sophiavl_mcore.trainer.checkpointing import CheckpointManager, conversion_meta
+    from sophiavl_mcore.trainer.optim import build_optimizer, check_backend, wrap_ddp
+    from sophiavl_mcore.trainer.reference_model import ReferenceModel
+    from sophiavl_mcore.trainer.sft import load_hf_weights
+    from sophiavl_mcore.trainer.sft_data import image_config_for
+    from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
+
+    world = int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp))
+    check_world(cfg, world)
+    layout = engine_layout(cfg, world)
+    cfg = prepare_files(cfg)
+    check_backend(cfg.optim)
+    layers, heads, groups = model_dims(cfg)
+    info = initialize_parallel(cfg.parallel, num_layers=layers, num_heads=heads,
+                               num_query_groups=groups)
+    dist.barrier()  # rank 0's files are written
+    logger.info("%s", layout.describe())
+    engine = build_spmd_engine(cfg.rollout, layout)
+    engine_group = _engine_groups(layout, info.rank)
+    mdir = model_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(str(mdir))
+    image_cfg = image_config_for(mdir, cfg.images)
+    model = build_policy(cfg, info)
+    meta = load_hf_weights(model, mdir, info, cfg.model.vocab_divisible_by)
+    ddp = wrap_ddp(model, cfg.optim)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                 else tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    sampler = build_sampler(cfg.data)
+    ckpt = CheckpointManager.from_config(cfg.checkpoint, conversion_meta(
+        mdir, info.tp, info.pp, layers_per_stage=list(info.layers_per_stage or []) or None,
+        vocab_divisible_by=cfg.model.vocab_divisible_by, dtype=cfg.model.dtype))
+    resuming = cfg.checkpoint.resume != "never" and bool(ckpt.complete_steps())
+    if cfg.warm_start.steps and not resuming:  # a checkpoint holds warm-started weights
+        warm_start(cfg, info, ddp, tokenizer, image_cfg, sampler)
+    optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.train.total_steps)
+    reference = (ReferenceModel.from_policy(model, lambda: build_policy(cfg, info),
+                                            offload=cfg.reference.offload)
+                 if cfg.reference.enabled else None)
+    start = 1
+    models = {"model": model, **({"reference": reference.module} if reference else {})}
+    loaded = ckpt.resume(models, optimizer, scheduler)
+    if loaded is not None:
+        sampler.load_state_dict(loaded.extra_state["sampler"])
+        start = loaded.step + 1
+        logger.info("resumed from %s: continuing at step %d", loaded.path, start)
+    sync = SpmdWeightSync(model, mdir, engine, cfg.weight_sync)
+    sync.sync(version=start - 1)  # every engine starts from the trainer's current policy
+    trm = (make_thinking_client(cfg.rewards.thinking, engine)
+           if cfg.rewards.trust_grpo.use_thinking else None)
+    return GRPOTrainer(cfg, info, layout, model, ddp, optimizer, scheduler, reference, engine, sync,
+                       trm, sampler, tokenizer, ImageLoader(image_cfg), ckpt, meta, pad_id,
+                       torch.tensor(vision_token_ids(tokenizer)), engine_group, start)
+
+
+def warm_start(cfg: GRPOTrainConfig, info: Any, ddp: Any, tokenizer: Any, image_cfg: Any,
+               sampler: Any) -> None:
+    """SFT on formatted examples (answers uniform at random when configured). Uses a
+    throw-away copy of the sampler so GRPO sees the data from its beginning."""
+    from sophiavl_mcore.data.visual_task import uniform_answer_records
+    from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer
+    from sophiavl_mcore.trainer.sft import SFTConfig, SFTTrainer, shard_for_dp
+    from sophiavl_mcore.trainer.sft_data import ExampleBuilder
+
+    ws = cfg.warm_start
+    sft = SFTConfig(global_batch_size=ws.global_batch_size, micro_batch_size=ws.micro_batch_size,
+                    max_seq_len=cfg.rollout.max_model_len, train_steps=ws.steps)
+    optim = OptimConfig(lr=ws.lr, min_lr=ws.lr / 10, clip_grad=1.0, decay_style="cosine")
+    optimizer, scheduler = build_optimizer([ddp], optim, ws.steps)
+    trainer = SFTTrainer(ddp, optimizer, scheduler, sft, optim, int(tokenizer.convert_tokens_to_ids(
+        "<|im_end|>")), info.device)
+    builder = ExampleBuilder(tokenizer, image_cfg, sft.max_seq_len)
+    local_sampler = copy.deepcopy(sampler)
+    for step in range(1, ws.steps + 1):
+        records = local_sampler.next_batch(ws.global_batch_size)
+        if ws.uniform_answers and cfg.task.enabled:
+            records = uniform_answer_records(records, cfg.task.max_count, cfg.seed + step)
+        mine = shard_for_dp(records, info.dp_rank, info.dp)
+        metrics = trainer.step(builder.policy_examples(mine, cfg.prompt, lambda r: ws.reasoning))
+        if step == 1 or step == ws.steps or step % 10 == 0:
+            logger.info("warm start %d/%d: loss=%.4f grad_norm=%.3g", step, ws.steps,
+                        metrics["train/loss"], metrics["train/grad_norm"])

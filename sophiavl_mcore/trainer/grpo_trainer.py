@@ -1,0 +1,239 @@
+"""The Trust-GRPO trainer: typed components, one method per phase of a step.
+
+    rollout  → this rank's engine answers its prompts (N samples each)
+    score    → R^o, R^t (TRM), γ, annealing, advantages of the engine's own groups
+    exchange → responses to the trainer's data-parallel layout as tensors
+    update   → reference log-probs, PPO-clip + KL update on this rank's share
+    sync     → Megatron shards into every engine (one policy version everywhere)
+
+Placement: every rank holds one rank of an SPMD vLLM engine
+(:mod:`~sophiavl_mcore.rollout.layout`). All ranks sample the same prompts (the sampler
+is deterministic); engine ``e`` answers its contiguous slice of whole groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sophiavl_mcore.data.records import Record
+from sophiavl_mcore.rewards.stage import GroupScores, score_groups
+from sophiavl_mcore.rollout.exchange import plan_transfers, redistribute
+from sophiavl_mcore.rollout.interface import RolloutRequest
+from sophiavl_mcore.rollout.layout import EngineLayout
+from sophiavl_mcore.trainer.setup import GRPOTrainConfig, model_dir
+from sophiavl_mcore.trainer.step_data import (
+    EngineRollout,
+    StepScalars,
+    gather_scalars,
+    local_batch,
+)
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from sophiavl_mcore.data.images import ImageLoader
+    from sophiavl_mcore.data.records import MixedSampler
+    from sophiavl_mcore.parallel import ParallelInfo
+    from sophiavl_mcore.rewards.thinking import ThinkingRewardClient
+    from sophiavl_mcore.rollout.vllm_engine import VllmRolloutEngine
+    from sophiavl_mcore.trainer.checkpointing import CheckpointManager
+    from sophiavl_mcore.trainer.reference_model import ReferenceModel
+    from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GRPOTrainer:
+    """A built run on this rank (see :func:`~sophiavl_mcore.trainer.build.build_trainer`)."""
+
+    cfg: GRPOTrainConfig
+    info: ParallelInfo
+    layout: EngineLayout
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    reference: ReferenceModel | None
+    engine: VllmRolloutEngine
+    sync_: SpmdWeightSync
+    trm: ThinkingRewardClient | None
+    sampler: MixedSampler
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    image_loader: ImageLoader
+    ckpt: CheckpointManager
+    meta: dict[str, Any]
+    pad_id: int
+    vision_ids: torch.Tensor
+    engine_group: Any = None  # torch ProcessGroup of this rank's engine (RTP > 1)
+    start_step: int = 1
+
+    @property
+    def engine_index(self) -> int:
+        return self.layout.engine_of(self.info.rank)
+
+    # ------------------------------------------------------------------ rollout
+
+    def rollout(self, records: list[Record], step: int) -> EngineRollout:
+        """This rank's engine answers its slice of ``records`` (``n`` samples each)."""
+        from sophiavl_mcore.data.prompts import build_prompt
+
+        span = self.layout.prompt_range(self.engine_index)
+        mine = records[span.start:span.stop]
+        batch = self.image_loader.load([r.image_path for r in mine])
+        images, requests, keep = [], [], []
+        for i, r in enumerate(mine):
+            image = batch.vllm_image(i)
+            images.append(image)
+            if r.image_path is not None and image is None:
+                logger.warning("record %s: image %s skipped (%s); its group is not trained",
+                               r.problem_id, r.image_path, batch.skipped.get(i, "unknown"))
+                continue
+            keep.append(i)
+            requests.append(RolloutRequest(prompt=build_prompt(r, self.tokenizer, self.cfg.prompt),
+                                           images=[image] if image is not None else []))
+        sampling = self.cfg.rollout.sampling
+        if sampling.seed is not None:  # a fresh, reproducible stream per step and engine
+            sampling = dataclasses.replace(
+                sampling, seed=sampling.seed + 100_003 * step + 7919 * self.engine_index)
+        results: list[Any] = [None] * len(mine)
+        for i, res in zip(keep, self.engine.generate(requests, sampling), strict=True):
+            results[i] = res
+        return EngineRollout(span.start, mine, results, images, sampling.n)
+
+    # ------------------------------------------------------------------ score
+
+    def score(self, roll: EngineRollout, step: int) -> GroupScores:
+        """R^o, R^t, Trust-GRPO and advantages of this engine's groups. With RTP > 1 only
+        the engine's leader asks the TRM and broadcasts R^t to the engine's other ranks —
+        unless the TRM runs on this very engine, which every engine rank must drive."""
+        on_engine = getattr(self.trm, "engine", None) is self.engine
+        leader = self.layout.leader(self.engine_index)
+        shared = self.layout.rtp > 1 and self.trm is not None and not on_engine
+
+        def agree(thinking: np.ndarray) -> np.ndarray:
+            t = torch.from_numpy(np.ascontiguousarray(thinking, dtype=np.float64))
+            dist.broadcast(t, src=leader, group=self.engine_group)
+            return t.numpy()
+
+        ask = self.trm if (not shared or self.info.rank == leader) else None
+        scores = score_groups(roll.records, roll.texts(), roll.images, ask, self.cfg.rewards,
+                              step=step - 1, total_steps=self.cfg.train.total_steps,
+                              agree=agree if shared else None)
+        scores.advantages[~roll.valid()] = 0.0
+        return scores
+
+    # ------------------------------------------------------------------ exchange + update
+
+    def exchange(self, roll: EngineRollout, scores: GroupScores, records: list[Record]) -> Any:
+        """This rank's DP share of the step as a RolloutBatch (+ bytes received)."""
+        mine = torch.tensor([self.info.dp_rank])
+        gathered = [torch.zeros_like(mine) for _ in range(self.info.world_size)]
+        dist.all_gather(gathered, mine)
+        dp_ranks = [int(t) for t in gathered]
+        plan = plan_transfers(self.layout, dp_ranks, self.info.dp)
+        rows, received = redistribute(roll.train_rows(scores.advantages, self.pad_id), plan,
+                                      self.info.rank)
+        groups = sorted({r.group for r in rows})
+        images = self.image_loader.load([records[g].image_path for g in groups])
+        forbidden = self.vision_ids.tolist() if self.cfg.rollout.sampling.forbid_vision_tokens else ()
+        batch = local_batch(rows, records, images, {g: i for i, g in enumerate(groups)},
+                            self.vision_ids, self.pad_id, forbidden)
+        return batch, received
+
+    def update(self, batch: Any, timer: Any) -> dict[str, float]:
+        """Old (+ reference) log-probs, then one GRPO update on this rank's share."""
+        from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
+
+        mbs, temp = self.cfg.train.micro_batch_size, self.cfg.rollout.sampling.temperature
+        with timer("old_logprobs"):
+            batch.old_logprobs = compute_logprobs(self.ddp, batch, mbs, temp).logprobs
+        if self.reference is not None:
+            with timer("ref_logprobs"):
+                batch.ref_logprobs = self.reference.compute_logprobs(batch, mbs, temp).logprobs
+        with timer("train"):
+            metrics = grpo_train_step(self.ddp, self.optimizer, self.scheduler, batch,
+                                      self.cfg.loss, mbs, temp)
+        metrics.update(engine_logprob_gap(batch))
+        return metrics
+
+    # ------------------------------------------------------------------ sync, save, export
+
+    def sync(self, step: int) -> dict[str, float]:
+        """Every engine takes the updated weights; bytes received per rank (max)."""
+        report = self.sync_.sync(version=step)
+        worst = torch.tensor([report.bytes_received], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return {"weight_sync/bytes_max_rank": float(worst), "weight_sync/bytes_rank": float(
+            report.bytes_received), "weight_sync/bytes_model": float(self.sync_.bytes_model),
+            "weight_sync/seconds": report.seconds, "weight_sync/policy_version": float(step)}
+
+    def save(self, step: int) -> None:
+        """Collective: model (+ reference), optimizer, scheduler, RNG, sampler position."""
+        self.ckpt.save(step, self.checkpoint_models(), self.optimizer, self.scheduler,
+                       extra_state={"sampler": self.sampler.state_dict(), "step": step,
+                                    "total_steps": self.cfg.train.total_steps})
+
+    def checkpoint_models(self) -> dict[str, torch.nn.Module]:
+        models = {"model": self.model}
+        if self.reference is not None:
+            models["reference"] = self.reference.module
+        return models
+
+    def export(self) -> Path | None:
+        """Final Megatron shards and the HF export under ``output_dir/final``."""
+        from sophiavl_mcore.trainer.sft import save_and_export
+
+        _, hf = save_and_export(self.model, self.info, self.meta, Path(self.cfg.output_dir) / "final",
+                                source_hf_dir=model_dir(self.cfg))
+        return hf
+
+    def close(self) -> None:
+        from sophiavl_mcore.parallel import destroy_parallel
+        from sophiavl_mcore.rollout.spmd import close_spmd_engine
+
+        if self.trm is not None:
+            self.trm.close()
+        close_spmd_engine(self.engine)
+        destroy_parallel(keep_process_group=True)
+
+
+def engine_logprob_gap(batch: Any) -> dict[str, float]:
+    """max / mean |engine log-prob − Megatron log-prob| over scored tokens: the
+    read-back parity of the last weight sync (0 up to kernel rounding)."""
+    worst, total, count = 0.0, 0.0, 0
+    for mask, eng, ours in zip(batch.response_mask, batch.rollout_logprobs, batch.old_logprobs,
+                               strict=True):
+        if not mask.any():
+            continue
+        d = (eng[mask] - ours[mask]).abs()
+        worst = max(worst, float(d.max()))
+        total += float(d.sum())
+        count += int(mask.sum())
+    top = torch.tensor([worst], dtype=torch.float64)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    rest = torch.tensor([total, float(count)], dtype=torch.float64)
+    dist.all_reduce(rest)
+    return {"rollout/logprob_diff_max": float(top[0]),
+            "rollout/logprob_diff_mean": float(rest[0] / max(rest[1], 1.0))}
+
+
+def step_scalars(trainer: GRPOTrainer, records: list[Record], roll: EngineRollout,
+                 scores: GroupScores) -> StepScalars:
+    return gather_scalars(trainer.layout, records, roll, scores)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
