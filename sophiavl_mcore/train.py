@@ -77,11 +77,11 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
                 scores = trainer.score(roll, step)
                 scalars = gather_scalars(trainer.layout, records, roll, scores)
             with timer("exchange"):
-                batch, received = trainer.exchange(roll, scores, records)
+                batch, moved = trainer.exchange(roll, scores, records)
             metrics = trainer.update(batch, timer)
             with timer("weight_sync"):
                 metrics.update(trainer.sync(step))
-            metrics["rollout/exchange_bytes_rank"] = float(received)
+            metrics.update(moved)
             metrics.update(reward_metrics(scalars, scalars.trust, scalars.columns["advantage"]))
             metrics.update(rollout_metrics(scalars, trainer.layout))
             metrics.update(timer.metrics())

@@ -115,10 +115,10 @@ def unpack(ints: torch.Tensor, floats: torch.Tensor) -> list[TrainRow]:
 
 
 def redistribute(mine: Mapping[int, TrainRow], plan: Sequence[Transfer], rank: int
-                 ) -> tuple[list[TrainRow], int]:
+                 ) -> tuple[list[int], list[TrainRow], int]:
     """Collective over the ranks in ``plan``: send the rows this rank serves, receive
-    its share. ``mine``: this rank's engine rows by global index. Returns (this rank's
-    rows in global order, bytes received)."""
+    its share. ``mine``: this rank's engine rows by global index. Returns (the global
+    indices of this rank's rows, the rows in that order, bytes received)."""
     outgoing = [t for t in plan if t.src == rank and t.dst != rank]
     incoming = [t for t in plan if t.dst == rank and t.src != rank]
     payloads = {t: pack([mine[i] for i in range(t.start, t.stop)]) for t in outgoing}
@@ -141,7 +141,8 @@ def redistribute(mine: Mapping[int, TrainRow], plan: Sequence[Transfer], rank: i
         ints, floats = bufs_in[t]
         received += ints.numel() * 8 + floats.numel() * 4
         rows.update(zip(range(t.start, t.stop), unpack(ints, floats), strict=True))
-    return [rows[i] for i in sorted(rows)], received
+    order = sorted(rows)
+    return order, [rows[i] for i in order], received
 
 
 def _exchange(out: Mapping[Transfer, torch.Tensor], into: Mapping[Transfer, torch.Tensor],

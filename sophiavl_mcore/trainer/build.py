@@ -36,10 +36,12 @@ def engine_layout(cfg: GRPOTrainConfig, world: int) -> EngineLayout:
     from sophiavl_mcore.models.hf_config import load_config_json
 
     _, heads, kv_heads = model_dims(cfg)
-    vision_heads = None
-    if not cfg.model.tiny:
-        config = load_config_json(cfg.model.hf_dir)
-        vision_heads = (config.get("vision_config") or {}).get("num_heads")
+    if cfg.model.tiny:
+        from sophiavl_mcore.trainer.setup import tiny_spec
+
+        vision_heads = tiny_spec(cfg).vision_heads
+    else:
+        vision_heads = (load_config_json(cfg.model.hf_dir).get("vision_config") or {}).get("num_heads")
     per_node = os.environ.get("LOCAL_WORLD_SIZE")
     return check_engine_layout(world, cfg.rollout.tensor_parallel_size, cfg.train.prompts_per_step,
                                cfg.rollout.sampling.n, num_heads=heads, num_kv_heads=kv_heads,

@@ -133,21 +133,32 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ exchange + update
 
-    def exchange(self, roll: EngineRollout, scores: GroupScores, records: list[Record]) -> Any:
-        """This rank's DP share of the step as a RolloutBatch (+ bytes received)."""
+    def exchange(self, roll: EngineRollout, scores: GroupScores, records: list[Record]
+                 ) -> tuple[Any, dict[str, float]]:
+        """This rank's DP share of the step as a RolloutBatch, and what moved: bytes this
+        rank received, and over the step the rows trained with their index sums (each
+        response exactly once ⇔ count N, Σi = N(N−1)/2, Σi² = (N−1)N(2N−1)/6)."""
         mine = torch.tensor([self.info.dp_rank])
         gathered = [torch.zeros_like(mine) for _ in range(self.info.world_size)]
         dist.all_gather(gathered, mine)
-        dp_ranks = [int(t) for t in gathered]
-        plan = plan_transfers(self.layout, dp_ranks, self.info.dp)
-        rows, received = redistribute(roll.train_rows(scores.advantages, self.pad_id), plan,
-                                      self.info.rank)
+        plan = plan_transfers(self.layout, [int(t) for t in gathered], self.info.dp)
+        index, rows, received = redistribute(roll.train_rows(scores.advantages, self.pad_id), plan,
+                                             self.info.rank)
         groups = sorted({r.group for r in rows})
         images = self.image_loader.load([records[g].image_path for g in groups])
         forbidden = self.vision_ids.tolist() if self.cfg.rollout.sampling.forbid_vision_tokens else ()
         batch = local_batch(rows, records, images, {g: i for i, g in enumerate(groups)},
                             self.vision_ids, self.pad_id, forbidden)
-        return batch, received
+        idx = np.asarray(index, dtype=np.float64)
+        moved = torch.tensor([idx.size, idx.sum(), (idx ** 2).sum(), float(received)],
+                             dtype=torch.float64)
+        dist.all_reduce(moved)
+        replicas = self.info.tp * self.info.pp  # every rank of a DP replica holds its share
+        return batch, {"rollout/rows_trained": float(moved[0]) / replicas,
+                       "rollout/rows_index_sum": float(moved[1]) / replicas,
+                       "rollout/rows_index_sumsq": float(moved[2]) / replicas,
+                       "rollout/exchange_bytes_mean": float(moved[3]) / self.info.world_size,
+                       "rollout/exchange_bytes_rank": float(received)}
 
     def update(self, batch: Any, timer: Any) -> dict[str, float]:
         """Old (+ reference) log-probs, then one GRPO update on this rank's share."""

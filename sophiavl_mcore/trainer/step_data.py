@@ -107,6 +107,7 @@ class StepScalars:
     columns: dict[str, np.ndarray]
     trust: TrustGRPOResult
     trm_metrics: dict[str, float]
+    engine_responses: np.ndarray  # responses each engine generated [E]
 
     # attribute view for trainer.metrics.reward_metrics
     @property
@@ -140,6 +141,7 @@ def gather_scalars(layout: EngineLayout, records: Sequence[Record], roll: Engine
     all_resp = np.concatenate([out[r][:split].numpy().reshape(resp.shape) for r in leaders])
     all_groups = np.concatenate([out[r][split:].numpy().reshape(groups.shape) for r in leaders])
     keep = all_resp[:, 0] > 0
+    per_engine = keep.reshape(len(leaders), -1).sum(axis=1)
     gkeep = keep.reshape(-1, roll.n).any(axis=1)
     columns = {c: all_resp[keep, i] for i, c in enumerate(RESPONSE_COLUMNS)}
     trust = TrustGRPOResult(reward=columns["reward"], gamma=all_groups[gkeep, 0],
@@ -147,7 +149,7 @@ def gather_scalars(layout: EngineLayout, records: Sequence[Record], roll: Engine
                             annealing=scores.trust.annealing, num_groups=int(gkeep.sum()))
     kept_records = [r for r, k in zip(records, gkeep, strict=True) if k]
     return StepScalars(kept_records, roll.n, columns, trust,
-                       _merge_trm([metrics[r] for r in leaders]))
+                       _merge_trm([metrics[r] for r in leaders]), per_engine)
 
 
 def _merge_trm(per_engine: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -165,7 +167,9 @@ def rollout_metrics(s: StepScalars, layout: EngineLayout) -> dict[str, float]:
     c = s.columns
     lens = c["length"]
     out = {"rollout/engines": float(layout.num_engines), "rollout/prompts": float(len(s.records)),
-           "rollout/responses": float(lens.size)}
+           "rollout/responses": float(lens.size),
+           "rollout/engine_responses_min": float(s.engine_responses.min()),
+           "rollout/engine_responses_max": float(s.engine_responses.max())}
     if lens.size:
         out.update({"rollout/response_len_mean": float(lens.mean()),
                     "rollout/response_len_std": float(lens.std()),

@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
 
 
-def launch(out_dir: Path, *overrides: str, timeout_s: float = 900) -> subprocess.CompletedProcess:
+def launch(out_dir: Path, *overrides: str, timeout_s: float = 900,
+           nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), "-m", "sophiavl_mcore.train", "--config", str(RECIPE),
            f"output_dir={out_dir}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
