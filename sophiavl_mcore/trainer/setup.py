@@ -176,14 +176,40 @@ def tiny_spec(cfg: GRPOTrainConfig) -> Any:
     return TinyModelSpec(num_layers=cfg.model.tiny_layers, num_kv_heads=2, seed=cfg.seed)
 
 
+_CONFIG_FALLBACKS_LOGGED: set[str] = set()
+
+
+def model_config(cfg: GRPOTrainConfig) -> dict[str, Any]:
+    """The policy's HF config.json (parsed): ``<model.hf_dir>/config.json``; when that file
+    does not exist yet (a placeholder path, a checkpoint not downloaded — ``--dry-run``
+    and ``tools/plan.py`` need only the config), the public config shipped in
+    ``tools/configs/`` whose name is the directory's name lower-cased with every run of
+    characters other than ``a-z0-9`` turned into ``_``
+    (``/path/to/Qwen2.5-VL-72B-Instruct`` → ``qwen2_5_vl_72b_instruct.json``), logged once
+    per directory. Neither → :class:`~sophiavl_mcore.planner.PlanError` naming every path
+    tried. The tiny model reads its own (written by :func:`prepare_files`)."""
+    import json
+
+    from sophiavl_mcore.planner import model_config_path
+
+    if cfg.model.tiny:
+        return json.loads((model_dir(cfg) / "config.json").read_text())
+    path = model_config_path(cfg.model.hf_dir)
+    if path != Path(cfg.model.hf_dir) / "config.json" and cfg.model.hf_dir not in _CONFIG_FALLBACKS_LOGGED:
+        _CONFIG_FALLBACKS_LOGGED.add(cfg.model.hf_dir)
+        logger.warning("model.hf_dir=%s has no config.json: using the shipped %s for the model's "
+                       "dimensions", cfg.model.hf_dir, path)
+    return json.loads(path.read_text())
+
+
 def model_dims(cfg: GRPOTrainConfig) -> tuple[int, int, int]:
-    """(layers, heads, kv heads) without building anything."""
+    """(layers, heads, kv heads) without building anything (config from :func:`model_config`)."""
     if cfg.model.tiny:
         s = tiny_spec(cfg)
         return s.num_layers, s.num_heads, s.num_kv_heads
     from sophiavl_mcore.models.hf_config import read_lm_dims
 
-    d = read_lm_dims(cfg.model.hf_dir)
+    d = read_lm_dims(model_config(cfg))
     return d.num_layers, d.num_heads, d.num_kv_heads
 
 

@@ -1,5 +1,6 @@
-"""tools/plan.py and sophiavl_mcore/planner.py: counts and bytes checked against numbers
-worked out by hand in the comments, exact agreement with the HF/meta counts, refusals."""
+"""tools/plan.py and sophiavl_mcore/planner.py: counts, memory terms, rollout engines and
+weight-sync bytes per rank checked against numbers worked out by hand in the comments,
+exact agreement with the HF/meta counts, refusals."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ SMALL = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
 
 def _small_cfg(**parallel) -> GRPOTrainConfig:
     return from_dict(GRPOTrainConfig, {
-        "model": {"hf_dir": "/nowhere"},
+        "model": {"hf_dir": "/nowhere", "dtype": "bfloat16"},
         "data": {"sources": [{"path": "/nowhere/train.jsonl"}]},
         "parallel": {"tp": 2, "pp": 1, "sequence_parallel": True, **parallel},
         "rollout": {"tensor_parallel_size": 1, "max_model_len": 64, "max_num_seqs": 4,
@@ -75,7 +76,13 @@ def test_small_memory_terms_by_hand() -> None:
     assert t["kv_cache"] == GIB // 2 - 2 * 87104
     # K and V × 2 layers × 2 kv heads × head_dim 16 × 2 bytes
     assert plan.kv_bytes_per_token == 256
-    assert plan.weight_sync_bytes_per_engine == 2 * 87104
+    # weight sync, bf16: one TP rank holds 43712 of the 87104 pieces and receives the
+    # other TP rank's split part (43392), the replicated norms (320) it already has
+    assert plan.sync.received_by_stage == (2 * (87104 - 43712),) == (2 * 43392,)
+    assert plan.sync.model_bytes == 2 * 87104 and plan.sync.engine_shard_bytes == 2 * 87104
+    assert plan.sync.stage_ranks == (range(0, 4),) and plan.sync.worst_rank == 0
+    # 4 engines of rollout TP 1 on a 4-GPU node, 1 prompt × n=2 each
+    assert (plan.engines.num_engines, plan.engines_per_node, plan.engines.prompts_per_engine) == (4, 4, 1)
     check_fits(plan)
     # without the distributed optimizer the whole 12 bytes/param stay on every rank
     plan2 = plan_memory(_small_cfg(), Cluster(1, 4, 1.0), SMALL)
@@ -85,6 +92,42 @@ def test_small_memory_terms_by_hand() -> None:
     cfg.reference.offload = False
     plan3 = plan_memory(cfg, Cluster(1, 4, 1.0), SMALL)
     assert plan3.terms["optimizer"] == 12 * p and plan3.terms["reference"] == 2 * p
+
+
+def test_small_float32_memory_terms_by_hand() -> None:
+    cfg = _small_cfg()
+    cfg.model.dtype = "float32"
+    cfg.reference.offload = False
+    plan = plan_memory(cfg, Cluster(1, 4, 1.0), SMALL)
+    p = 43712
+    t = plan.terms
+    # fp32 parameters: 4 B weights, 4 B grads, Adam m + v 8 B (no master copy) over dp=2
+    assert (t["weights"], t["gradients"], t["optimizer"], t["reference"]) == (4 * p, 4 * p, 8 * p // 2, 4 * p)
+    assert plan.sync.received_by_stage == (4 * 43392,)  # sync in the model dtype
+    assert t["vllm_weights"] == 2 * 87104  # rollout.dtype stays bfloat16
+
+
+def test_small_sync_bytes_by_stage_by_hand() -> None:
+    # TP=1 PP=2 on 4 GPUs: dp=2, stage 0 = ranks 0-1 holds embed + layer 0 = 6400 + 37120,
+    # stage 1 = ranks 2-3 holds layer 1 + norm + head = 37120 + 64 + 6400; each receives
+    # the other stage, 2 bytes an element
+    plan = plan_memory(_small_cfg(tp=1, pp=2, sequence_parallel=False), Cluster(1, 4, 1.0), SMALL)
+    assert plan.sync.received_by_stage == (2 * 43584, 2 * 43520)
+    assert plan.sync.stage_ranks == (range(0, 2), range(2, 4))
+    assert (plan.sync.worst_bytes, plan.sync.worst_stages, plan.sync.worst_rank) == (2 * 43584, [0], 0)
+    # tied embeddings: the last stage's head is a mirror copy (memory: 43584 on that rank),
+    # never sent; the last stage receives the embedding from stage 0 all the same.
+    # Stage 0 holds 43520, stage 1 37120 + 64 = 37184 → M = 80704.
+    tied = {**SMALL, "tie_word_embeddings": True}
+    c = count_params(tied, tp=1, pp=2)
+    assert c.per_rank == (43520, 43584) and c.sync_own == (43520, 37184) and c.sync_pieces == 80704
+    plan = plan_memory(_small_cfg(tp=1, pp=2, sequence_parallel=False), Cluster(1, 4, 1.0), tied)
+    assert plan.sync.received_by_stage == (2 * 37184, 2 * 43520)
+    # vocab 101 at TP=2 moves padded 51-row pieces: M = 87104 + 2·64 (HF row) + 2·64
+    # (padding row); a rank holds 43840 and receives the other rank's split part
+    # 2·18496 + 2·51·64 = 43520 = 87360 − 43840
+    c = count_params({**SMALL, "vocab_size": 101}, tp=2, pp=1)
+    assert c.sync_pieces == 87360 and c.sync_own == (43840,)
 
 
 def test_small_kv_pool_too_small_is_refused() -> None:
@@ -154,3 +197,63 @@ def test_shipped_recipes_fit(capsys) -> None:
     cfg_json = json.loads((CONFIGS / "qwen2_5_vl_72b_instruct.json").read_text())
     with pytest.raises(PlanError, match="phase train"):
         check_fits(plan_memory(cfg, Cluster(8), cfg_json, recompute="none"))
+
+
+def test_shipped_recipes_engines_and_sync_by_hand() -> None:
+    # 72B, TP=8 PP=4 DP=2 on 8 nodes, rollout TP=8, bf16. Rank holdings (test above):
+    # stage 0 20·109724928 + 19008·8192 + 704573696 = 3054785792, stages 1-2 2194498560,
+    # stage 3 2194498560 + 8192 (final norm) + 19008·8192 (head) = 2350220288; vocab 152064
+    # splits 8 ways without padding, so M = N = 73410777344.
+    n72 = 73_410_777_344
+    cfg = load_config(ROOT / "examples/configs/qwen2_5_vl_72b_64xh100.yaml", cls=GRPOTrainConfig)
+    plan = plan_memory(cfg, Cluster(8), json.loads((CONFIGS / "qwen2_5_vl_72b_instruct.json").read_text()))
+    e = plan.engines
+    # 64 GPUs / 8 = 8 engines, one per node; 64 prompts / 8 = 8 each, × n=8 = 64 responses
+    assert (e.num_engines, plan.engines_per_node, e.prompts_per_engine, e.responses_per_engine) == (8, 1, 8, 64)
+    assert plan.sync.engine_shard_bytes == plan.terms["vllm_weights"] == 2 * n72 // 8 == 18_352_694_336
+    assert plan.sync.received_by_stage == (2 * (n72 - 3_054_785_792), 2 * (n72 - 2_194_498_560),
+                                           2 * (n72 - 2_194_498_560), 2 * (n72 - 2_350_220_288))
+    # worst: the middle stages (fewest held), 142432557568 B = 132.65 GiB, first rank 16
+    assert plan.sync.worst_bytes == 142_432_557_568 and plan.sync.worst_stages == [1, 2]
+    assert plan.sync.stage_ranks[1] == range(16, 32) and plan.sync.worst_rank == 16
+    # 7B, TP=4 PP=1 DP=2 on 8 GPUs, rollout TP=2. A rank's TP-split part: per layer qkv
+    # 4608·3584/4 = 4128768 + bias 1152 + o 3584·3584/4 = 3211264 + fc1 2·18944·3584/4 =
+    # 33947648 + fc2 16973824 = 58262656, × 28 layers + embed and head 152064·3584/4 each
+    # = 1903853056. It receives the 3 other TP ranks' split parts (replicated norms and
+    # the replicated vision tower it holds): 3·1903853056 elements × 2 B.
+    cfg = load_config(ROOT / "examples/configs/qwen2_5_vl_7b_8xh100.yaml", cls=GRPOTrainConfig)
+    plan = plan_memory(cfg, Cluster(1), json.loads((CONFIGS / "qwen2_5_vl_7b_instruct.json").read_text()))
+    e = plan.engines
+    assert (e.num_engines, plan.engines_per_node, e.prompts_per_engine, e.responses_per_engine) == (4, 4, 16, 128)
+    assert plan.params.per_rank_tp_split == (1_903_853_056,)
+    assert plan.sync.received_by_stage == (2 * 3 * 1_903_853_056,) == (11_423_118_336,)
+    assert plan.sync.engine_shard_bytes == 2 * 8_292_166_656 // 2
+    assert plan.sync.stage_ranks == (range(0, 8),)
+
+
+@pytest.mark.parametrize("override,needles", [
+    # 16 does not divide the 8 GPUs of a node
+    ("rollout.tensor_parallel_size=16", ["rollout TP=16 does not divide the 8 ranks per node",
+                                         "world_size=64", "prompts_per_step=64"]),
+    # 8 engines cannot share 4 prompts as whole groups
+    ("train.prompts_per_step=4", ["train.prompts_per_step=4 does not split into 8 engines "
+                                  "(world_size=64 / rollout TP=8)"]),
+])
+def test_plan_tool_refuses_impossible_rollout(override: str, needles: list[str], capsys) -> None:
+    rc = _plan_tool().main(["--recipe", str(ROOT / "examples/configs/qwen2_5_vl_72b_64xh100.yaml"),
+                            "--nodes", "8", override])
+    err = capsys.readouterr().err
+    assert rc == 2
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_plan_tool_prints_topology(capsys) -> None:
+    rc = _plan_tool().main(["--recipe", str(ROOT / "examples/configs/qwen2_5_vl_72b_64xh100.yaml"),
+                            "--nodes", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"model config: {CONFIGS / 'qwen2_5_vl_72b_instruct.json'}" in out
+    assert "rollout engines: 8 of TP=8 (1 per node; engine k = ranks 8k..8k+7)" in out
+    # 142432557568 B / 2**30 = 132.65 GiB
+    assert "weight sync worst rank: 16 (stage(s) [1, 2]) receives 132.65 GiB per sync" in out

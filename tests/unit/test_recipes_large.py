@@ -1,8 +1,10 @@
-"""The shipped 7B / 72B recipes load into GRPOTrainConfig, pass the project's layout check
-at their intended world size, and carry the paper's hyperparameters."""
+"""The shipped 7B / 72B recipes load into GRPOTrainConfig, pass the project's layout checks
+(trainer and rollout engines) at their intended world size, run the rollout topology their
+comments describe, and carry the paper's hyperparameters."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +18,10 @@ RECIPES = [
     ("qwen2_5_vl_7b_8xh100.yaml", "qwen2_5_vl_7b_instruct.json", 8),
     ("qwen2_5_vl_72b_64xh100.yaml", "qwen2_5_vl_72b_instruct.json", 64),
 ]
+# What the recipes' comments say: (rollout TP, engines, prompts per engine, dp).
+# 7B: one engine per TP=2 pair of 8 GPUs → 4 engines, 64 / 4 = 16 prompts; dp = 8 / 4.
+# 72B: one engine per node of 8 → 8 engines, 64 / 8 = 8 prompts; dp = 64 / (8·4).
+TOPOLOGY = {"qwen2_5_vl_7b_8xh100.yaml": (2, 4, 16, 2), "qwen2_5_vl_72b_64xh100.yaml": (8, 8, 8, 2)}
 
 
 @pytest.mark.parametrize("recipe,config_json,world", RECIPES)
@@ -40,6 +46,37 @@ def test_recipe_loads_and_validates(recipe: str, config_json: str, world: int, t
     # a wrong world size is refused by the same check
     with pytest.raises(ValueError, match="world_size"):
         check_world(cfg, world + 1)
+
+
+@pytest.mark.parametrize("recipe,config_json,world", RECIPES)
+def test_recipe_runs_the_topology_its_comments_describe(recipe: str, config_json: str,
+                                                        world: int, caplog, monkeypatch) -> None:
+    from sophiavl_mcore.rollout.layout import check_engine_layout
+    from sophiavl_mcore.trainer import setup
+    from sophiavl_mcore.trainer.setup import model_config
+
+    monkeypatch.setattr(setup, "_CONFIG_FALLBACKS_LOGGED", set())
+
+    path = ROOT / "examples" / "configs" / recipe
+    assert "engine_rank" not in path.read_text()  # obsolete: every rank holds an engine
+    cfg = load_config(path, cls=GRPOTrainConfig)
+    # the placeholder hf_dir has no config.json: the shipped one is read, by its name
+    with caplog.at_level("WARNING"):
+        cfg_json = model_config(cfg)
+        model_config(cfg)
+    shipped = ROOT / "tools" / "configs" / config_json
+    assert [r.getMessage() for r in caplog.records if "has no config.json" in r.getMessage()] == [
+        f"model.hf_dir={cfg.model.hf_dir} has no config.json: using the shipped {shipped} for "
+        "the model's dimensions"]  # once per directory
+    assert cfg_json == json.loads(shipped.read_text())
+    rtp, engines, per_engine, dp = TOPOLOGY[recipe]
+    assert check_world(cfg, world) == dp
+    layout = check_engine_layout(
+        world, cfg.rollout.tensor_parallel_size, cfg.train.prompts_per_step, cfg.rollout.sampling.n,
+        num_heads=cfg_json["num_attention_heads"], num_kv_heads=cfg_json["num_key_value_heads"],
+        vision_heads=cfg_json["vision_config"]["num_heads"], ranks_per_node=8)
+    assert (layout.rtp, layout.num_engines, layout.prompts_per_engine) == (rtp, engines, per_engine)
+    assert cfg.responses_per_step % dp == 0
 
 
 @pytest.mark.parametrize("recipe,config_json,world", RECIPES)

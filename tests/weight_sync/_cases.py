@@ -376,3 +376,42 @@ def live_conversion_case(rank: int, ctx: dict) -> dict:
         res["repacked"] = repacker.repacked
         res["pool_bytes"] = repacker.pool.nbytes
     return res
+
+
+def encoder_cache_case(rank: int, ctx: dict, model_dir: str, seed: int) -> dict:
+    """Vision-tower updates and the engine's encoder cache: the same image is asked for
+    after each of three syncs (original tower, perturbed tower, original again). A cache
+    that survived an update would serve the old tower's embedding (perturbed == original
+    outputs); one dropped on one side only raises ``Encoder cache miss``."""
+    from transformers import AutoProcessor
+
+    from sophiavl_mcore.models.qwen2_5_vl import VisionOptions, build_qwen2_5_vl
+    from sophiavl_mcore.testing.tiny_models import make_test_image
+    from sophiavl_mcore.weight_sync import MegatronWeightSync
+
+    model_dir = Path(model_dir)
+    info = _setup(2, 1, *_dims(model_dir))
+    engine = ctx.get("engine")
+    image = make_test_image(seed=5, size=(56, 84))
+    batch = AutoProcessor.from_pretrained(str(model_dir))(text=[IMAGE_PROMPT], images=[image],
+                                                          return_tensors="pt")
+    ids = batch["input_ids"][0].tolist()
+    extra = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+    torch.manual_seed(seed)
+    model = build_qwen2_5_vl(model_dir, info, vision=VisionOptions(init_seed=seed),
+                             init_method_std=0.08)
+    vision = {n: p for n, p in model.named_parameters() if "vision" in n or "visual" in n}
+    original = {n: p.detach().clone() for n, p in vision.items()}
+    sync = MegatronWeightSync(model, model_dir, engine, _sync_cfg())
+    prompt = {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image}}
+    res: dict[str, Any] = {"rank": rank, "last_stage": info.is_last_stage, "vision_params": len(vision)}
+    for phase in ("original", "perturbed", "restored"):
+        with torch.no_grad():
+            for n, p in vision.items():  # the tower is TP-replicated: same change on every rank
+                p.copy_(original[n] * (1.3 if phase == "perturbed" else 1.0))
+        sync.sync()
+        if engine is not None:
+            vllm_logprobs(engine, prompt)  # first request after the update fills the cache
+            res[phase] = vllm_logprobs(engine, prompt)[1]  # the second may read it
+        res[f"mcore_{phase}"] = megatron_logprobs(model, info, ids, _vocab(model_dir), extra=extra)
+    return res

@@ -85,3 +85,19 @@ def test_failed_sync_leaves_engine_unchanged(engine_world, ws_model_dir, ws_wide
     assert "shape mismatch" in shape_err and "[768, 256]" in shape_err and "[512, 256]" in shape_err
     assert r0["version_after"] == r0["version_before"]
     np.testing.assert_array_equal(r0["vllm_after"], r0["vllm_before"])
+
+
+def test_vision_update_reaches_cached_images(engine_world, ws_model_dir):
+    """After each weight update the next requests for an already-seen image neither miss
+    the encoder cache (an exception) nor get the old tower's embedding: outputs follow
+    the weights exactly (perturbed → different and equal to Megatron, restored →
+    identical to the original)."""
+    from _cases import encoder_cache_case
+
+    results = engine_world.run(encoder_cache_case, str(ws_model_dir), 505)
+    r0, last = results[0], _last(results)
+    assert r0["vision_params"] > 0
+    assert np.abs(r0["perturbed"] - r0["original"]).max() > 1e-3  # not a stale embedding
+    for phase in ("original", "perturbed", "restored"):
+        assert np.abs(r0[phase] - last[f"mcore_{phase}"]).max() < ATOL, phase
+    assert np.abs(r0["restored"] - r0["original"]).max() < 1e-6
