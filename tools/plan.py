@@ -1,16 +1,21 @@
-"""Per-GPU memory plan of a GRPO recipe on a cluster shape; exits 1 when it does not fit.
+"""Per-GPU memory plan, rollout engines and weight-sync bytes per rank of a GRPO recipe on
+a cluster shape; exits 1 when it does not fit, 2 when the layout is impossible.
 
     python tools/plan.py --recipe examples/configs/qwen2_5_vl_72b_64xh100.yaml --nodes 8
 
-The model's config.json is ``--model-config``, else ``<model.hf_dir>/config.json``, else the
-shipped public config named after the checkpoint directory (tools/configs/). The formulas
-are documented in ``sophiavl_mcore/planner.py``. The activation recompute is the recipe's
-``model.recompute_granularity`` unless ``--recompute`` overrides it.
+Prints each memory term per GPU, both phases, the rollout engines (how many, per node,
+prompts and responses each, the vLLM shard on every GPU) and the bytes one rank of each
+pipeline stage receives per weight sync, with the worst rank. The model's config.json is
+``--model-config``, else ``<model.hf_dir>/config.json``, else the shipped public config
+named after the checkpoint directory (tools/configs/; the file used is printed). The
+formulas are documented in ``sophiavl_mcore/planner.py``. The activation recompute is the
+recipe's ``model.recompute_granularity`` unless ``--recompute`` overrides it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,7 +26,7 @@ from sophiavl_mcore.planner import (  # noqa: E402
     Cluster,
     PlanError,
     check_fits,
-    find_model_config,
+    model_config_path,
     plan_memory,
 )
 from sophiavl_mcore.trainer.setup import GRPOTrainConfig  # noqa: E402
@@ -40,14 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides, cls=GRPOTrainConfig)
-        config_json = find_model_config(cfg.model.hf_dir, args.model_config)
+        config_path = model_config_path(cfg.model.hf_dir, args.model_config)
+        config_json = json.loads(config_path.read_text())
         plan = plan_memory(cfg, Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb),
                            config_json,
                            recompute=args.recompute or cfg.model.recompute_granularity or "none")
     except ValueError as err:
         sys.stderr.write(f"plan: {err}\n")
         return 2
-    sys.stdout.write(plan.table() + "\n")
+    sys.stdout.write(f"model config: {config_path}\n{plan.table()}\n")
     try:
         check_fits(plan)
     except PlanError as err:
