@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sophiavl_mcore.parallel.host import host_group
 from sophiavl_mcore.rollout.layout import EngineLayout
 
 
@@ -147,7 +148,8 @@ def redistribute(mine: Mapping[int, TrainRow], plan: Sequence[Transfer], rank: i
 
 def _exchange(out: Mapping[Transfer, torch.Tensor], into: Mapping[Transfer, torch.Tensor],
               rank: int) -> None:
-    work = [dist.isend(tensor, dst=t.dst) for t, tensor in out.items()]
-    work += [dist.irecv(tensor, src=t.src) for t, tensor in into.items()]
+    group = host_group()
+    work = [dist.isend(tensor, dst=t.dst, group=group) for t, tensor in out.items()]
+    work += [dist.irecv(tensor, src=t.src, group=group) for t, tensor in into.items()]
     for w in work:
         w.wait()

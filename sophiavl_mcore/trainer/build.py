@@ -17,11 +17,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sophiavl_mcore.parallel.host import init_host_group
 from sophiavl_mcore.rollout.layout import EngineLayout, check_engine_layout
 from sophiavl_mcore.trainer.grpo_trainer import GRPOTrainer
 from sophiavl_mcore.trainer.setup import (
     GRPOTrainConfig,
     check_world,
+    model_config,
     model_dims,
     model_dir,
     prepare_files,
@@ -33,15 +35,13 @@ logger = logging.getLogger(__name__)
 
 def engine_layout(cfg: GRPOTrainConfig, world: int) -> EngineLayout:
     """The rollout layout for ``world`` ranks, validated (every number in the error)."""
-    from sophiavl_mcore.models.hf_config import load_config_json
-
     _, heads, kv_heads = model_dims(cfg)
     if cfg.model.tiny:
         from sophiavl_mcore.trainer.setup import tiny_spec
 
         vision_heads = tiny_spec(cfg).vision_heads
     else:
-        vision_heads = (load_config_json(cfg.model.hf_dir).get("vision_config") or {}).get("num_heads")
+        vision_heads = (model_config(cfg).get("vision_config") or {}).get("num_heads")
     per_node = os.environ.get("LOCAL_WORLD_SIZE")
     return check_engine_layout(world, cfg.rollout.tensor_parallel_size, cfg.train.prompts_per_step,
                                cfg.rollout.sampling.n, num_heads=heads, num_kv_heads=kv_heads,
@@ -64,7 +64,7 @@ def _engine_groups(layout: EngineLayout, rank: int) -> Any:
         return None
     mine = None
     for e in range(layout.num_engines):
-        group = dist.new_group(layout.ranks_of(e))
+        group = dist.new_group(layout.ranks_of(e), backend="gloo")  # host tensors
         if layout.engine_of(rank) == e:
             mine = group
     return mine
@@ -95,6 +95,7 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
     layers, heads, groups = model_dims(cfg)
     info = initialize_parallel(cfg.parallel, num_layers=layers, num_heads=heads,
                                num_query_groups=groups)
+    init_host_group()
     dist.barrier()  # rank 0's files are written
     logger.info("%s", layout.describe())
     engine = build_spmd_engine(cfg.rollout, layout)
@@ -114,7 +115,7 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
     resuming = cfg.checkpoint.resume != "never" and bool(ckpt.complete_steps())
     if cfg.warm_start.steps and not resuming:  # a checkpoint holds warm-started weights
         warm_start(cfg, info, ddp, tokenizer, image_cfg, sampler)
-    optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.train.total_steps)
+    optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.optimizer_updates)
     reference = (ReferenceModel.from_policy(model, lambda: build_policy(cfg, info),
                                             offload=cfg.reference.offload)
                  if cfg.reference.enabled else None)

@@ -270,13 +270,15 @@ def _micro_batch_stats(loss: torch.Tensor, metrics: dict[str, torch.Tensor], old
     mask = t["response_mask"] > 0
     if "rollout_logprobs" in t:
         diff = (old.detach().double() - t["rollout_logprobs"].double()).abs()
-        mismatch = torch.stack([torch.where(mask, diff, torch.zeros_like(diff)).sum(),
-                                mask.sum().double()])
+        masked = torch.where(mask, diff, torch.zeros_like(diff))
+        mismatch = torch.stack([masked.sum(), mask.sum().double()])
+        worst = masked.max().reshape(1)
     else:
         mismatch = torch.zeros(2, dtype=torch.float64, device=n.device)
+        worst = torch.zeros(1, dtype=torch.float64, device=n.device)
     sums = torch.cat([torch.stack([loss.detach().double(), n]),
                       torch.stack([n * metrics[k].double() for k in _MEAN_KEYS]), mismatch])
-    return sums.cpu(), metrics["train/ratio_max"].double().reshape(1).cpu()
+    return sums.cpu(), torch.cat([metrics["train/ratio_max"].double().reshape(1), worst]).cpu()
 
 
 def _reduce_metrics(sums: list[torch.Tensor], maxes: list[torch.Tensor]) -> dict[str, float]:
@@ -284,7 +286,7 @@ def _reduce_metrics(sums: list[torch.Tensor], maxes: list[torch.Tensor]) -> dict
     mpu = _mpu()
     width = 4 + len(_MEAN_KEYS)
     total = torch.stack(sums).sum(0) if sums else torch.zeros(width, dtype=torch.float64)
-    top = torch.stack(maxes).amax(0) if maxes else torch.zeros(1, dtype=torch.float64)
+    top = torch.stack(maxes).amax(0) if maxes else torch.zeros(2, dtype=torch.float64)
     if mpu.get_data_parallel_world_size() > 1:
         dist.all_reduce(total, group=mpu.get_data_parallel_group())
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=mpu.get_data_parallel_group())
@@ -303,6 +305,7 @@ def _reduce_metrics(sums: list[torch.Tensor], maxes: list[torch.Tensor]) -> dict
         out[k] = s / tokens if tokens > 0 else 0.0
     mm_sum, mm_count = v[-2], v[-1]
     out["train/logprob_mismatch"] = mm_sum / mm_count if mm_count > 0 else math.nan
+    out["train/logprob_mismatch_max"] = float(top[1]) if mm_count > 0 else math.nan
     return out
 
 
@@ -356,8 +359,8 @@ def grpo_train_step(
         ``train/pg_loss``, ``train/kl``, ``train/entropy`` (nats), ``train/clip_fraction``,
         ``train/ratio_mean``, ``train/ratio_max``, ``train/approx_kl_old`` (means over the
         step's response tokens), ``train/response_tokens``, ``train/logprob_mismatch``
-        (mean |old − rollout log-prob| over response tokens; NaN without rollout
-        log-probs), ``train/grad_norm`` (before clipping), ``train/lr``,
+        / ``train/logprob_mismatch_max`` (mean / max |old − rollout log-prob| over
+        response tokens; NaN without rollout log-probs), ``train/grad_norm`` (before clipping), ``train/lr``,
         ``train/update_ok``, ``perf/tokens_per_s`` (prompt + response tokens of the global
         batch per second of this call), ``perf/step_time_s``.
     """

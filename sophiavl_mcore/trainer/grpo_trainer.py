@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
+from sophiavl_mcore.parallel.host import host_group
 from sophiavl_mcore.rewards.stage import GroupScores, score_groups
 from sophiavl_mcore.rollout.exchange import plan_transfers, redistribute
 from sophiavl_mcore.rollout.interface import RolloutRequest
@@ -86,6 +87,7 @@ class GRPOTrainer:
         """This rank's engine answers its slice of ``records`` (``n`` samples each)."""
         from sophiavl_mcore.data.prompts import build_prompt
 
+        self.engine.wake_up()  # GPU: weights and KV cache back from sleep (no-op on CPU)
         span = self.layout.prompt_range(self.engine_index)
         mine = records[span.start:span.stop]
         batch = self.image_loader.load([r.image_path for r in mine])
@@ -140,7 +142,7 @@ class GRPOTrainer:
         response exactly once ⇔ count N, Σi = N(N−1)/2, Σi² = (N−1)N(2N−1)/6)."""
         mine = torch.tensor([self.info.dp_rank])
         gathered = [torch.zeros_like(mine) for _ in range(self.info.world_size)]
-        dist.all_gather(gathered, mine)
+        dist.all_gather(gathered, mine, group=host_group())
         plan = plan_transfers(self.layout, [int(t) for t in gathered], self.info.dp)
         index, rows, received = redistribute(roll.train_rows(scores.advantages, self.pad_id), plan,
                                              self.info.rank)
@@ -152,7 +154,7 @@ class GRPOTrainer:
         idx = np.asarray(index, dtype=np.float64)
         moved = torch.tensor([idx.size, idx.sum(), (idx ** 2).sum(), float(received)],
                              dtype=torch.float64)
-        dist.all_reduce(moved)
+        dist.all_reduce(moved, group=host_group())
         replicas = self.info.tp * self.info.pp  # every rank of a DP replica holds its share
         return batch, {"rollout/rows_trained": float(moved[0]) / replicas,
                        "rollout/rows_index_sum": float(moved[1]) / replicas,
@@ -161,20 +163,13 @@ class GRPOTrainer:
                        "rollout/exchange_bytes_rank": float(received)}
 
     def update(self, batch: Any, timer: Any) -> dict[str, float]:
-        """Old (+ reference) log-probs, then one GRPO update on this rank's share."""
-        from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
-
-        mbs, temp = self.cfg.train.micro_batch_size, self.cfg.rollout.sampling.temperature
-        with timer("old_logprobs"):
-            batch.old_logprobs = compute_logprobs(self.ddp, batch, mbs, temp).logprobs
-        if self.reference is not None:
-            with timer("ref_logprobs"):
-                batch.ref_logprobs = self.reference.compute_logprobs(batch, mbs, temp).logprobs
-        with timer("train"):
-            metrics = grpo_train_step(self.ddp, self.optimizer, self.scheduler, batch,
-                                      self.cfg.loss, mbs, temp)
-        metrics.update(engine_logprob_gap(batch))
-        return metrics
+        """``train.updates_per_rollout`` PPO-clip + KL updates on this rank's share."""
+        self.engine.sleep()  # GPU: the engine's memory goes to the trainer (no-op on CPU)
+        c = self.cfg
+        return ppo_updates(self.ddp, self.optimizer, self.scheduler, self.reference, batch,
+                           c.loss, updates=c.train.updates_per_rollout,
+                           micro_batch_size=c.train.micro_batch_size,
+                           temperature=c.rollout.sampling.temperature, timer=timer)
 
     # ------------------------------------------------------------------ sync, save, export
 
@@ -182,7 +177,7 @@ class GRPOTrainer:
         """Every engine takes the updated weights; bytes received per rank (max)."""
         report = self.sync_.sync(version=step)
         worst = torch.tensor([report.bytes_received], dtype=torch.float64)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=host_group())
         return {"weight_sync/bytes_max_rank": float(worst), "weight_sync/bytes_rank": float(
             report.bytes_received), "weight_sync/bytes_model": float(self.sync_.bytes_model),
             "weight_sync/seconds": report.seconds, "weight_sync/policy_version": float(step)}
@@ -217,24 +212,51 @@ class GRPOTrainer:
         destroy_parallel(keep_process_group=True)
 
 
-def engine_logprob_gap(batch: Any) -> dict[str, float]:
-    """max / mean |engine log-prob − Megatron log-prob| over scored tokens: the
-    read-back parity of the last weight sync (0 up to kernel rounding)."""
-    worst, total, count = 0.0, 0.0, 0
-    for mask, eng, ours in zip(batch.response_mask, batch.rollout_logprobs, batch.old_logprobs,
-                               strict=True):
-        if not mask.any():
-            continue
-        d = (eng[mask] - ours[mask]).abs()
-        worst = max(worst, float(d.max()))
-        total += float(d.sum())
-        count += int(mask.sum())
-    top = torch.tensor([worst], dtype=torch.float64)
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    rest = torch.tensor([total, float(count)], dtype=torch.float64)
-    dist.all_reduce(rest)
-    return {"rollout/logprob_diff_max": float(top[0]),
-            "rollout/logprob_diff_mean": float(rest[0] / max(rest[1], 1.0))}
+def ppo_updates(ddp: Any, optimizer: Any, scheduler: Any, reference: ReferenceModel | None,
+                batch: Any, loss_cfg: Any, *, updates: int, micro_batch_size: int,
+                temperature: float, timer: Any = None) -> dict[str, float]:
+    """Reference (and, for several updates, old) log-probs of ``batch`` (this rank's
+    share), then ``updates`` optimizer steps on consecutive mini-batches of it.
+
+    One update: no old-log-prob pass — the ratio is taken against the training
+    forward's own log-probs, detached (exactly 1, as a separate pass would give on the
+    same weights). Several: old log-probs once, before the first update, so later
+    mini-batches see a moved policy and the clip acts."""
+    from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
+    from sophiavl_mcore.trainer.metrics import PhaseTimer
+
+    timer = timer or PhaseTimer()
+    if updates < 1 or len(batch) % updates:
+        raise ValueError(f"{len(batch)} responses on this rank do not split into "
+                         f"updates_per_rollout={updates} equal mini-batches")
+    if updates > 1:
+        with timer("old_logprobs"):
+            batch.old_logprobs = compute_logprobs(ddp, batch, micro_batch_size, temperature).logprobs
+    if reference is not None:
+        with timer("ref_logprobs"):
+            batch.ref_logprobs = reference.compute_logprobs(batch, micro_batch_size,
+                                                            temperature).logprobs
+    per = len(batch) // updates
+    with timer("train"):
+        steps = [grpo_train_step(ddp, optimizer, scheduler, batch.select(range(i * per, (i + 1) * per)),
+                                 loss_cfg, micro_batch_size, temperature) for i in range(updates)]
+    return merge_update_metrics(steps)
+
+
+def merge_update_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
+    """One dict for the step's updates: the first update's loss (before any change)
+    and engine parity, maxima of maxima, means of the rest, the last learning rate."""
+    if len(steps) == 1:
+        return dict(steps[0], **{"train/updates": 1.0})
+    out = {key: float(np.mean([s[key] for s in steps])) for key in steps[0]}
+    for key in ("train/loss", "train/logprob_mismatch", "train/logprob_mismatch_max"):
+        out[key] = steps[0][key]
+    for key in ("train/ratio_max", "train/grad_norm"):
+        out[key] = max(s[key] for s in steps)
+    out["train/lr"] = steps[-1]["train/lr"]
+    out["train/response_tokens"] = float(sum(s["train/response_tokens"] for s in steps))
+    out["train/updates"] = float(len(steps))
+    return out
 
 
 def step_scalars(trainer: GRPOTrainer, records: list[Record], roll: EngineRollout,

@@ -95,10 +95,17 @@ class WarmStartConfig:
 
 @dataclasses.dataclass
 class GRPORunConfig:
-    """Step geometry (counts) and cadence (every K steps; 0 = never)."""
+    """Step geometry (counts) and cadence (every K steps; 0 = never).
+
+    ``updates_per_rollout``: optimizer updates per step (verl's PPO mini-batches): each
+    data-parallel share is cut into that many mini-batches, old log-probs are computed
+    once before the first; 1 = one update, whose ratio is exactly 1 (old log-probs are
+    the training forward's own, detached: no extra forward pass).
+    """
 
     total_steps: int = 10
     prompts_per_step: int = 8
+    updates_per_rollout: int = 1
     micro_batch_size: int = 8
     val_every: int = 0
     val_size: int = 32
@@ -106,7 +113,8 @@ class GRPORunConfig:
 
     def __post_init__(self) -> None:
         errors = [f"{k}={getattr(self, k)} must be >= 1" for k in
-                  ("total_steps", "prompts_per_step", "micro_batch_size", "val_size")
+                  ("total_steps", "prompts_per_step", "updates_per_rollout", "micro_batch_size",
+                   "val_size")
                   if getattr(self, k) < 1]
         errors += [f"{k}={getattr(self, k)} must be >= 0" for k in
                    ("val_every", "log_samples_every") if getattr(self, k) < 0]
@@ -152,13 +160,16 @@ class GRPOTrainConfig:
         if self.rollout.sampling.n < 2:
             errors.append(f"rollout.sampling.n={self.rollout.sampling.n}: GRPO needs >= 2 "
                           "responses per prompt for a group advantage")
-        if self.rewards.thinking.backend == "in_process" and self.weight_sync.engine_rank != 0:
-            errors.append("the in-process TRM uses rank 0's engine: weight_sync.engine_rank must be 0")
         if not self.output_dir:
             errors.append("output_dir must be set")
         if errors:
             raise ValueError("; ".join(errors))
-        check_schedule(self.optim, self.train.total_steps)
+        check_schedule(self.optim, self.optimizer_updates)
+
+    @property
+    def optimizer_updates(self) -> int:
+        """Optimizer updates over the run (the LR schedule's horizon)."""
+        return self.train.total_steps * self.train.updates_per_rollout
 
     @property
     def responses_per_step(self) -> int:
@@ -222,6 +233,11 @@ def check_world(cfg: GRPOTrainConfig, world: int) -> int:
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} × rollout.sampling.n="
                          f"{cfg.rollout.sampling.n} = {cfg.responses_per_step} responses do not "
                          f"split over dp={dp}")
+    if cfg.responses_per_step // dp % cfg.train.updates_per_rollout:
+        raise ValueError(f"{cfg.responses_per_step // dp} responses per data-parallel rank "
+                         f"(train.prompts_per_step={cfg.train.prompts_per_step} × n="
+                         f"{cfg.rollout.sampling.n} / dp={dp}) do not split into "
+                         f"train.updates_per_rollout={cfg.train.updates_per_rollout} mini-batches")
     if cfg.warm_start.steps and cfg.warm_start.global_batch_size % dp:
         raise ValueError(f"warm_start.global_batch_size={cfg.warm_start.global_batch_size} is not "
                          f"divisible by dp={dp}")

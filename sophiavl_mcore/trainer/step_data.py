@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
+from sophiavl_mcore.parallel.host import host_group
 from sophiavl_mcore.rewards.stage import GroupScores
 from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult
 from sophiavl_mcore.rollout.exchange import TrainRow
@@ -133,9 +134,9 @@ def gather_scalars(layout: EngineLayout, records: Sequence[Record], roll: Engine
     resp, groups = engine_columns(roll, scores)
     both = torch.from_numpy(np.concatenate([resp.reshape(-1), groups.reshape(-1)]))
     out = [torch.empty_like(both) for _ in range(layout.world)]
-    dist.all_gather(out, both)
+    dist.all_gather(out, both, group=host_group())
     metrics: list[Any] = [None] * layout.world
-    dist.all_gather_object(metrics, scores.trm_metrics)
+    dist.all_gather_object(metrics, scores.trm_metrics, group=host_group())
     leaders = [layout.leader(e) for e in range(layout.num_engines)]
     split = resp.size
     all_resp = np.concatenate([out[r][:split].numpy().reshape(resp.shape) for r in leaders])

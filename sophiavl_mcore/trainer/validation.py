@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
+from sophiavl_mcore.parallel.host import host_group
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def evaluate(trainer: Any, records: Sequence[Record]) -> dict[str, float]:
         local, failed = np.zeros((per, 3)), 1.0
     flat = torch.from_numpy(np.concatenate([local.reshape(-1), [failed]]))
     out = [torch.empty_like(flat) for _ in range(layout.world)]
-    dist.all_gather(out, flat)
+    dist.all_gather(out, flat, group=host_group())
     if any(float(t[-1]) for t in out):
         return {"val/failed": 1.0}
     rows = np.concatenate([out[layout.leader(e)][:-1].numpy().reshape(per, 3)

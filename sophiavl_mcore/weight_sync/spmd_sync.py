@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sophiavl_mcore.parallel.host import host_group
 from sophiavl_mcore.weight_sync.interface import SyncReport, WeightSyncError
 from sophiavl_mcore.weight_sync.megatron_sync import (
     MegatronWeightSync,
@@ -76,6 +77,7 @@ class SpmdWeightSync(MegatronWeightSync):
                                ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
         self.mp_group = ps.get_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.device = next(self.module.parameters()).device
         self.hf_config = load_config_json(hf_config)
         if "vision_config" in self.hf_config:
             import sophiavl_mcore.models.vision  # noqa: F401  (registers visual.* rules)
@@ -126,7 +128,8 @@ class SpmdWeightSync(MegatronWeightSync):
                 if owner == self.rank:
                     flat = torch.cat([tensors[p.rule.mcore].detach().reshape(-1) for p in pieces])
                 else:
-                    flat = torch.empty(sum(torch.Size(p.shape).numel() for p in pieces), dtype=dtype)
+                    flat = torch.empty(sum(torch.Size(p.shape).numel() for p in pieces), dtype=dtype,
+                                       device=self.device)
                 if size > 1:
                     dist.broadcast(flat, src=owner, group=group)
                     nbytes = flat.numel() * flat.element_size()
@@ -167,7 +170,7 @@ class SpmdWeightSync(MegatronWeightSync):
                 self._drain(buckets, tensors, progress)
                 error, new = f"rank {self.rank}: {type(err).__name__}: {err}", -1
             verdict = torch.tensor([1 if error else 0, new, -new], dtype=torch.int64)
-            dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+            dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=host_group())
         if verdict[0]:
             raise WeightSyncError(f"weight sync failed inside an engine{': ' + error if error else ''}")
         if int(verdict[1]) != -int(verdict[2]):
@@ -186,4 +189,4 @@ class SpmdWeightSync(MegatronWeightSync):
 
     def compare(self, buckets: list[Bucket] | None = None) -> float:
         raise NotImplementedError("the SPMD sync is checked through engine vs Megatron log-probs "
-                                  "(rollout/logprob_diff_max), not by reading weights back")
+                                  "(train/logprob_mismatch_max), not by reading weights back")

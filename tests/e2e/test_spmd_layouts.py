@@ -70,7 +70,7 @@ def test_engines_match_megatron_after_each_sync(spmd_run) -> None:
     initial sync); their log-probs must equal Megatron's recomputation (float32)."""
     _, steps = spmd_run
     for s in steps:
-        assert s["rollout/logprob_diff_max"] <= 1e-5, s["rollout/logprob_diff_max"]
+        assert s["train/logprob_mismatch_max"] <= 1e-5, s["train/logprob_mismatch_max"]
 
 
 @pytest.mark.slow

@@ -87,8 +87,6 @@ def test_unknown_checkpoint_dir_names_every_path_tried(monkeypatch, tmp_path) ->
     assert str(ROOT / "tools" / "configs" / "my_own_model.json") in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/build.py engine_layout still reads vision heads from "
-                   "model.hf_dir itself; it must read sophiavl_mcore.trainer.setup.model_config(cfg)")
 def test_72b_dry_run_before_the_checkpoint_is_downloaded(monkeypatch, capfd) -> None:
     from sophiavl_mcore.trainer import setup
 
