@@ -20,11 +20,18 @@ memcpy / best path (median pair ratios are printed too). Also:
 peak extra RSS of one sync, debug read-backs proving the engine holds the trainer's
 weights, the price of ``live`` on CPU (plain-weight GEMM vs packed oneDNN over every
 linear shape, interleaved) and a greedy decode with both (same tokens).
-RESULT lines: ``weight_sync`` = the fastest correct path (live), ``weight_sync_inplace``
+RESULT lines: ``weight_sync_live`` = the fastest correct path, ``weight_sync_inplace``
 = the default path that keeps vLLM's packed kernels. With a GPU the refit time of a
 7B-sized model would be measured; on CPU that line prints status=skipped-no-gpu.
 
-    .venv/bin/python bench/bench_weight_sync.py [--layers 16] [--repeats 7]
+At the end (``--no-spmd`` skips it) the SPMD sync is measured in a subprocess,
+``torchrun --nproc-per-node 4 bench/bench_spmd_sync.py`` (trainer TP=2 x DP=2, two
+engines of rollout TP=2, ``--spmd-layers`` x 512 wide, the same ``--repeats``); its
+table and its ``RESULT weight_sync_spmd`` line (best memcpy of the bytes each rank
+loads / best sync, plus the largest bytes received by one rank and the model's bytes)
+are relayed here; if it fails, that line says status=failed.
+
+    .venv/bin/python bench/bench_weight_sync.py [--layers 16] [--repeats 7] [--no-spmd]
 """
 
 from __future__ import annotations
@@ -41,8 +48,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def _write_checkpoint(out: Path, layers: int) -> dict:
-    """config.json + tokenizer + zero weights (the engine's initial state)."""
+def _write_checkpoint(out: Path, layers: int, hidden: int = 1024) -> dict:
+    """config.json + tokenizer + zero weights (the engine's initial state).
+
+    ``hidden``: width (a multiple of 256); heads of 64, a quarter as many KV heads,
+    FFN 4x wide, vocab 32000 (1024 wide: ~58 MB float32 a layer + 262 MB embed/head)."""
     import torch
     from safetensors.torch import save_file
     from transformers import Qwen2Config
@@ -50,12 +60,13 @@ def _write_checkpoint(out: Path, layers: int) -> dict:
     from sophiavl_mcore.testing.tiny_models import TinyModelSpec, build_tokenizer
 
     build_tokenizer(out, TinyModelSpec())
-    cfg = Qwen2Config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+    heads = hidden // 64
+    h, f, q, kv = hidden, 4 * hidden, hidden, heads // 4 * 64
+    cfg = Qwen2Config(hidden_size=h, intermediate_size=f, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads // 4, vocab_size=32000,
                       max_position_embeddings=2048, tie_word_embeddings=False,
                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     cfg.save_pretrained(str(out))
-    h, f, q, kv = 1024, 4096, 1024, 256
     tensors = {"model.embed_tokens.weight": (32000, h), "model.norm.weight": (h,),
                "lm_head.weight": (32000, h)}
     for i in range(layers):
@@ -175,8 +186,46 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--bucket-mb", type=int, default=512)
+    ap.add_argument("--no-spmd", dest="spmd", action="store_false",
+                    help="skip the 4-process SPMD sync (bench_spmd_sync.py) at the end")
+    ap.add_argument("--spmd-layers", type=int, default=8,
+                    help="layers of the SPMD bench's model (x512 wide: ~0.25 GB at 8)")
     args = ap.parse_args()
+    _single_process(args)
+    if args.spmd:
+        _spmd(args)
 
+
+def _spmd(args) -> None:
+    """``torchrun --nproc-per-node 4 bench_spmd_sync.py``: its table and RESULT line are
+    relayed (a failed run still prints its RESULT line, status=failed)."""
+    import subprocess
+    import sys
+
+    from sophiavl_mcore.testing.multiproc import free_port
+
+    script = Path(__file__).resolve().with_name("bench_spmd_sync.py")
+    root = script.parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+           "--master-port", str(free_port()), str(script), "--layers", str(args.spmd_layers),
+           "--repeats", str(args.repeats), "--bucket-mb", str(args.bucket_mb)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    lines = proc.stdout.splitlines()  # vLLM logs to stdout too: keep the table only
+    start = next((i for i, x in enumerate(lines) if x.startswith("SPMD weight sync bench")), None)
+    result = [x for x in lines if x.startswith("RESULT weight_sync_spmd ")]
+    if proc.returncode or start is None or not result:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        print(f"\nSPMD bench failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        print("RESULT weight_sync_spmd throughput_ratio=nan baseline=memcpy target=0.5 status=failed")
+        return
+    end = lines.index(result[0])
+    print("\n" + "\n".join(x for x in lines[start:end] if not x.startswith("(")))
+    print(result[0])
+
+
+def _single_process(args) -> None:
     import torch
 
     from sophiavl_mcore.models import build_qwen2_lm
