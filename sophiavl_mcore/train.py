@@ -52,6 +52,7 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     from sophiavl_mcore.trainer.grpo_trainer import seed_everything
     from sophiavl_mcore.trainer.metrics import CONSOLE_KEYS, PhaseTimer, log_step, reward_metrics
     from sophiavl_mcore.trainer.preemption import PreemptionWatcher, write_run_state
+    from sophiavl_mcore.trainer.sampling import collect_groups
     from sophiavl_mcore.trainer.setup import val_path
     from sophiavl_mcore.trainer.step_data import gather_scalars, rollout_metrics
     from sophiavl_mcore.trainer.validation import evaluate
@@ -70,11 +71,8 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     with PreemptionWatcher() as watcher:
         for step in range(trainer.start_step, total + 1):
             timer = PhaseTimer()
-            records = trainer.sampler.next_batch(cfg.train.prompts_per_step)
-            with timer("rollout"):
-                roll = trainer.rollout(records, step)
+            records, roll, scores, sampled = collect_groups(trainer, step, timer)
             with timer("reward"):
-                scores = trainer.score(roll, step)
                 scalars = gather_scalars(trainer.layout, records, roll, scores)
             with timer("exchange"):
                 batch, moved = trainer.exchange(roll, scores, records)
@@ -82,6 +80,7 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
             with timer("weight_sync"):
                 metrics.update(trainer.sync(step))
             metrics.update(moved)
+            metrics.update(sampled)
             metrics.update(reward_metrics(scalars, scalars.trust, scalars.columns["advantage"]))
             metrics.update(rollout_metrics(scalars, trainer.layout))
             metrics.update(timer.metrics())

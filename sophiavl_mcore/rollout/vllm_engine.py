@@ -95,6 +95,7 @@ class VllmRolloutEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         self.cfg = cfg
+        self._data_parallel_size = data_parallel_size
         self.policy_version = 0
         self._sleeping = False
         self._asleep_tags: set[str] = set()
@@ -125,6 +126,13 @@ class VllmRolloutEngine(RolloutEngine):
         if cfg.max_images_per_prompt > 0 and self._is_multimodal(cfg.model):
             kwargs["limit_mm_per_prompt"] = {"image": cfg.max_images_per_prompt, "video": 0}
         self._llm = LLM(**kwargs)
+        if data_parallel_size > 1:
+            # SPMD engines are independent replicas of a dense model: without this,
+            # vLLM's external-launcher DP polls every engine's "unfinished requests" with
+            # an all-reduce at each engine step (idle engines run dummy batches), which
+            # deadlocks as soon as engines are called with different work or different
+            # numbers of times (validation splits, dynamic sampling, a TRM on the engine).
+            self._llm.llm_engine.dp_group = None
         self._tokenizer = self._llm.get_tokenizer()
         self._vision_ids = vision_token_ids(self._tokenizer)
 
@@ -177,13 +185,26 @@ class VllmRolloutEngine(RolloutEngine):
         params = [to_sampling_params(sampling, seed_offset=i, forbidden_ids=forbidden)
                   for i in range(len(requests))]
         try:
-            outputs = self._llm.generate(prompts, params, use_tqdm=False)
+            with self._independent():
+                outputs = self._llm.generate(prompts, params, use_tqdm=False)
         except Exception:
             # An error inside the engine loop leaves this call's requests scheduled;
             # the next generate() would run (and fail on) them again.
             self._abort_unfinished()
             raise
         return [self._to_result(out, sampling) for out in outputs]
+
+    def _independent(self) -> Any:
+        """SPMD engines (``data_parallel_size`` > 1) are independent replicas of a dense
+        model: vLLM would otherwise also all-reduce batch padding across them at every
+        forward (``coordinate_batch_across_dp``, for MoE / CUDA-graph padding)."""
+        import contextlib
+
+        if self._data_parallel_size == 1:
+            return contextlib.nullcontext()
+        from vllm.v1.worker.dp_utils import skip_dp_coordination
+
+        return skip_dp_coordination()
 
     def _abort_unfinished(self) -> None:
         engine = self._llm.llm_engine

@@ -83,18 +83,20 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ rollout
 
-    def rollout(self, records: list[Record], step: int) -> EngineRollout:
-        """This rank's engine answers its slice of ``records`` (``n`` samples each)."""
+    def rollout(self, records: list[Record], step: int, *, active: bool = True,
+                round_index: int = 0) -> EngineRollout:
+        """This rank's engine answers its slice of ``records`` (``n`` samples each);
+        ``active=False``: the engine sits this round out (results all None)."""
         from sophiavl_mcore.data.prompts import build_prompt
 
         self.engine.wake_up()  # GPU: weights and KV cache back from sleep (no-op on CPU)
         span = self.layout.prompt_range(self.engine_index)
         mine = records[span.start:span.stop]
-        batch = self.image_loader.load([r.image_path for r in mine])
-        images, requests, keep = [], [], []
-        for i, r in enumerate(mine):
-            image = batch.vllm_image(i)
-            images.append(image)
+        batch = self.image_loader.load([r.image_path for r in mine] if active else [])
+        images: list[Any] = [None] * len(mine)
+        requests, keep = [], []
+        for i, r in enumerate(mine if active else []):
+            image = images[i] = batch.vllm_image(i)
             if r.image_path is not None and image is None:
                 logger.warning("record %s: image %s skipped (%s); its group is not trained",
                                r.problem_id, r.image_path, batch.skipped.get(i, "unknown"))
@@ -104,8 +106,8 @@ class GRPOTrainer:
                                            images=[image] if image is not None else []))
         sampling = self.cfg.rollout.sampling
         if sampling.seed is not None:  # a fresh, reproducible stream per step and engine
-            sampling = dataclasses.replace(
-                sampling, seed=sampling.seed + 100_003 * step + 7919 * self.engine_index)
+            sampling = dataclasses.replace(sampling, seed=sampling.seed + 100_003 * step
+                                           + 7919 * self.engine_index + 131 * round_index)
         results: list[Any] = [None] * len(mine)
         for i, res in zip(keep, self.engine.generate(requests, sampling), strict=True):
             results[i] = res

@@ -101,11 +101,15 @@ class GRPORunConfig:
     data-parallel share is cut into that many mini-batches, old log-probs are computed
     once before the first; 1 = one update, whose ratio is exactly 1 (old log-probs are
     the training forward's own, detached: no extra forward pass).
+    ``dynamic_sampling``: drop groups whose rewards are all equal and draw more prompts,
+    at most ``max_sampling_rounds`` extra rounds (:mod:`~sophiavl_mcore.trainer.sampling`).
     """
 
     total_steps: int = 10
     prompts_per_step: int = 8
     updates_per_rollout: int = 1
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
     micro_batch_size: int = 8
     val_every: int = 0
     val_size: int = 32
@@ -117,7 +121,7 @@ class GRPORunConfig:
                    "val_size")
                   if getattr(self, k) < 1]
         errors += [f"{k}={getattr(self, k)} must be >= 0" for k in
-                   ("val_every", "log_samples_every") if getattr(self, k) < 0]
+                   ("val_every", "log_samples_every", "max_sampling_rounds") if getattr(self, k) < 0]
         if errors:
             raise ValueError("train: " + "; ".join(errors))
 

@@ -45,7 +45,8 @@ def _answer_slice(trainer: Any, records: Sequence[Record]) -> tuple[range, np.nd
                                    images=[img] if img is not None else []))
         kept.append(i)
     greedy = dataclasses.replace(trainer.cfg.rollout.sampling, n=1, temperature=0.0, seed=0)
-    results = trainer.engine.generate(reqs, greedy)  # every engine calls, maybe with none
+    trainer.engine.wake_up()  # asleep since the update (GPU: memory back from the trainer)
+    results = trainer.engine.generate(reqs, greedy)
     scores = score_outcomes([OutcomeSample(mine[i].problem_type, mine[i].solution,
                                            res.samples[0].text, mine[i].options)
                              for i, res in zip(kept, results, strict=True)])
