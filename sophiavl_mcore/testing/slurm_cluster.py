@@ -4,11 +4,11 @@ template).
 Daemons from the Debian packages (``munge``, ``slurmctld``, one ``slurmd`` per node), each
 in the foreground as our own child process, with every path they write (munge key,
 socket, state, spool, logs, pid files) under one directory. Several nodes are emulated
-on this one host the way Slurm's own test setups do it: one ``slurmd -N <node>`` per
-``NodeName`` line, each with ``NodeAddr=127.0.0.1``, its own ``Port`` and its own spool,
-pid and log files (``%n`` in the paths); every node advertises the host's CPUs, so the
-nodes together oversubscribe it (``SlurmdParameters=config_overrides``). Clients (``sbatch``, ``scontrol``,
-``squeue``, ``srun`` inside jobs) find the cluster through ``SLURM_CONF``; the munge
+on this one host: one ``slurmd -N <node>`` per ``NodeName`` line, each with
+``NodeAddr=127.0.0.1``, its own ``Port`` and its own spool, pid and log files (``%n`` in
+the paths); every node advertises the host's CPUs, so together they oversubscribe it
+(``SlurmdParameters=config_overrides``). Clients (``sbatch``, ``scontrol``, ``squeue``,
+``srun`` inside jobs) find the cluster through ``SLURM_CONF``; the munge
 socket is in ``slurm.conf`` (``AuthInfo=socket=…``), which clients read too, so nothing
 under ``/etc`` or ``/run`` is touched and several clusters can coexist on one machine.
 
