@@ -215,14 +215,12 @@ def read_raw_records(path: Path) -> Iterator[tuple[str, Any]]:
                     raise RecordError(f"{path}:{lineno}: not valid JSON ({err})") from err
                 yield f"{path}:{lineno}", rec
     elif suffix == ".json":
+        text = _decode(path.read_bytes(), path, None)
         try:
-            data = json.loads(_decode(path.read_bytes(), path, None))
+            for i, (lineno, rec) in enumerate(_json_list_items(text, path)):
+                yield f"{path}:{lineno} record #{i}", rec
         except json.JSONDecodeError as err:
             raise RecordError(f"{path}:{err.lineno}: not valid JSON ({err})") from err
-        if not isinstance(data, list):
-            raise RecordError(f"{path}: top level must be a list of records, got {type(data).__name__}")
-        for i, rec in enumerate(data):
-            yield f"{path} record #{i}", rec
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -230,6 +228,33 @@ def read_raw_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path} row #{i}", rec
     else:
         raise RecordError(f"{path}: unknown data file type {suffix!r}; expected .json, .jsonl or .parquet")
+
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _json_list_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line, value)`` of each element of a top-level JSON list (the line where the
+    element starts, so that errors can point at it)."""
+    decoder = json.JSONDecoder()
+    pos = _JSON_WS.match(text, 0).end()
+    if not text.startswith("[", pos):
+        kind = type(json.loads(text)).__name__  # raises JSONDecodeError if not JSON at all
+        raise RecordError(f"{path}: top level must be a list of records, got {kind}")
+    pos = _JSON_WS.match(text, pos + 1).end()
+    if not text.startswith("]", pos):
+        while True:
+            value, end = decoder.raw_decode(text, pos)
+            yield text.count("\n", 0, pos) + 1, value
+            pos = _JSON_WS.match(text, end).end()
+            if text.startswith("]", pos):
+                break
+            if not text.startswith(",", pos):
+                raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+            pos = _JSON_WS.match(text, pos + 1).end()
+    rest = _JSON_WS.match(text, pos + 1).end()
+    if rest < len(text):
+        raise json.JSONDecodeError("extra data after the list", text, rest)
 
 
 def check_unique_ids(path: Path, entries: Sequence[tuple[str, Any]]) -> None:

@@ -149,6 +149,10 @@ def test_duplicate_ids_name_both_lines_and_the_int_str_collision(tmp_path):
     msg = str(err.value)
     assert f"{path}:1" in msg and f"{path}:3" in msg, msg
     assert "7 and '7' count as the same id" in msg, msg
+    listed = tmp_path / "dup.json"  # a JSON list: the line where each record starts
+    listed.write_text("[\n" + ",\n".join(json.dumps(raw(i)) for i in (4, 5, 4)) + "\n]\n")
+    with pytest.raises(RecordError, match=rf"at {listed}:2 record #0 and at {listed}:4 record #2"):
+        load_records(listed)
 
 
 def test_problem_type_errors_are_record_errors(tmp_path):
