@@ -1,8 +1,10 @@
 """Convert an HF Qwen2/Qwen2.5(-VL) safetensors checkpoint to per-rank Megatron shards.
 
-    python tools/convert_hf_to_mcore.py HF_DIR OUT_DIR --tp 8 --pp 4 [--te] [--dtype bf16]
+    python tools/convert_hf_to_mcore.py HF_DIR OUT_DIR --tp 8 --pp 4 [--te] [--dtype bf16] [--no-verify]
 
-Streaming (memory ~ one layer), validated from headers before any tensor is read.
+Streaming (memory ~ one layer), validated from headers before any tensor is read; an
+HF_DIR with checksums.json (as this project's exports have) is checked against it first.
+OUT_DIR gets checksums.json over what was written.
 Format: see sophiavl_mcore/checkpoint/convert.py.
 """
 
@@ -28,12 +30,14 @@ def main() -> None:
     ap.add_argument("--te", action="store_true", help="Transformer Engine parameter names")
     ap.add_argument("--vocab-divisible-by", type=int, default=1)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: keep")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="do not check HF_DIR against its checksums.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     out = convert_hf_to_mcore(
         args.hf_dir, args.out_dir, args.tp, args.pp, layers_per_stage=args.layers_per_stage,
         te=args.te, vocab_divisible_by=args.vocab_divisible_by,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=DTYPES[args.dtype] if args.dtype else None, verify=not args.no_verify,
     )
     print(f"wrote {out}")
 

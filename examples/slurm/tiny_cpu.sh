@@ -2,10 +2,12 @@
 # The tiny CPU recipe (README main job) as a Slurm job: one node, 2 training ranks
 # (torchrun --nproc-per-node 2 → TP=2 over gloo), no GPU. Arguments are config overrides:
 #   examples/slurm/tiny_cpu.sh train.total_steps=40
-# CPUS_PER_TASK (default 2) CPUs are allocated to the node's one torchrun task.
+# NODES (default 1) nodes × NPROC_PER_NODE (default 2) ranks: NODES=2 NPROC_PER_NODE=1 is
+# TP=2 across two nodes; NODES=2 NPROC_PER_NODE=2 is TP=2 × DP=2. CPUS_PER_TASK (default
+# 2) CPUs are allocated to each node's one torchrun task.
 set -euo pipefail
 # shellcheck source=examples/slurm/_submit.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_submit.sh"
 export NPROC_PER_NODE="${NPROC_PER_NODE:-2}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 submit_recipe examples/configs/tiny_cpu.yaml sophiavl-tiny-cpu \
-  --nodes=1 --cpus-per-task="${CPUS_PER_TASK:-2}" --time="${TIME_LIMIT:-02:00:00}" -- "$@"
+  --nodes="${NODES:-1}" --cpus-per-task="${CPUS_PER_TASK:-2}" --time="${TIME_LIMIT:-02:00:00}" -- "$@"

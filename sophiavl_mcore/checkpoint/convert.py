@@ -6,6 +6,14 @@ Megatron-side format (``FORMAT``): a directory with
     config.json                            copy of the HF config
     mp_rank_{tp:02d}_{pp:03d}/model.safetensors   one file per (TP, PP) rank, holding
                                            that rank's ``model.state_dict()`` tensors
+    checksums.json                         size + sha256 of every file (checkpoint.manifest)
+
+Trust: both converters check the source directory against its manifest before reading
+(a training checkpoint's ``manifest.json``, else ``checksums.json``; sha256 of every
+file; ``verify=False`` skips it, a directory without either is read with a warning),
+and both write ``checksums.json`` beside what they produce, so that the next reader
+can check it. Loading HF weights into a live model (every rank reads the directory)
+compares file sizes only.
 
 Why not ``megatron.core.dist_checkpointing``: it needs each rank's live
 ``sharded_state_dict`` (i.e. all TP×PP ranks' process groups and models) to write, so an
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from sophiavl_mcore.checkpoint.manifest import CHECKSUMS, verify_dir, write_checksums
 from sophiavl_mcore.checkpoint.mapping import ConversionPlan, build_plan, default_hf_prefix
 from sophiavl_mcore.checkpoint.st_io import (
     CheckpointError,
@@ -37,6 +47,7 @@ from sophiavl_mcore.checkpoint.st_io import (
     StreamingWriter,
     dtype_from_code,
     open_hf_dir,
+    open_safetensors,
 )
 from sophiavl_mcore.models.hf_config import load_config_json, read_lm_dims
 from sophiavl_mcore.parallel.layout import ParallelConfig, validate_layout
@@ -46,6 +57,13 @@ logger = logging.getLogger(__name__)
 FORMAT = "sophiavl_mcore/per-rank-safetensors"
 META_FILE = "mcore_checkpoint.json"
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+# Files besides the weights that ``vllm serve`` needs to serve an exported checkpoint.
+SERVING_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+    "generation_config.json",
+)
 
 
 def rank_file(ckpt_dir: str | Path, tp_rank: int, pp_rank: int) -> Path:
@@ -112,13 +130,17 @@ def convert_hf_to_mcore(
     dtype: torch.dtype | None = None,
     hf_prefix: str | None = None,
     progress: bool = True,
+    verify: bool = True,
 ) -> Path:
     """Convert an HF Qwen2/Qwen2.5(-VL) checkpoint dir to per-rank Megatron shards.
 
-    Everything (layout vs config, every tensor name/shape, shard files) is validated
-    from headers before any tensor is read. ``dtype`` casts (default: keep the source's).
+    Everything (the source's checksums when it has them, layout vs config, every tensor
+    name/shape, shard files) is validated before any tensor is read. ``dtype`` casts
+    (default: keep the source's). Writes ``checksums.json`` into ``out_dir``.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if verify:
+        verify_dir(hf_dir)
     cfg = load_config_json(hf_dir)
     dims = read_lm_dims(cfg)
     validate_layout(ParallelConfig(tp=tp, pp=pp, layers_per_stage=layers_per_stage), tp * pp,
@@ -153,13 +175,12 @@ def convert_hf_to_mcore(
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_checksums(out_dir)
     return out_dir
 
 
 def _open_rank_files(ckpt_dir: Path, plan: ConversionPlan) -> dict[tuple[int, int], LazyTensorFiles]:
     """Lazy readers for every rank file, with every planned name/shape checked."""
-    from safetensors import safe_open
-
     readers, problems = {}, []
     for stage in range(plan.pp):
         specs = plan.rank_specs(stage)
@@ -168,7 +189,7 @@ def _open_rank_files(ckpt_dir: Path, plan: ConversionPlan) -> dict[tuple[int, in
             if not path.is_file():
                 problems.append(f"shard {path} is missing")
                 continue
-            with safe_open(str(path), framework="pt") as f:
+            with open_safetensors(path) as f:
                 names = set(f.keys())
             lazy = LazyTensorFiles({n: path for n in names})
             for name, shape in specs.items():
@@ -182,15 +203,36 @@ def _open_rank_files(ckpt_dir: Path, plan: ConversionPlan) -> dict[tuple[int, in
     return readers
 
 
+def verify_mcore_dir(mcore_dir: str | Path, *, require: bool = False) -> str:
+    """Check the files a conversion of ``mcore_dir`` reads (the meta and every rank's
+    ``model.safetensors``: listed, size and sha256) against its manifest; see
+    :func:`~sophiavl_mcore.checkpoint.manifest.verify_dir`."""
+    mcore_dir = Path(mcore_dir)
+    shards = sorted(p.relative_to(mcore_dir).as_posix()
+                    for p in mcore_dir.glob("mp_rank_*/model.safetensors"))
+    return verify_dir(mcore_dir, needed=[META_FILE, *shards], require=require)
+
+
 def convert_mcore_to_hf(
     mcore_dir: str | Path,
     out_dir: str | Path,
     *,
     max_shard_bytes: int = 4 * 2**30,
     progress: bool = True,
+    verify: bool = True,
+    serving_files_from: str | Path | None = None,
 ) -> Path:
-    """Merge per-rank Megatron shards back into an HF safetensors checkpoint dir."""
+    """Merge per-rank Megatron shards back into an HF safetensors checkpoint dir.
+
+    With ``verify`` (default) the source is first checked against its manifest (a
+    training checkpoint's ``manifest.json`` or ``checksums.json``: sizes and sha256,
+    and the meta and every shard must be listed). ``serving_files_from``: an HF dir whose
+    tokenizer / processor / generation files (:data:`SERVING_FILES`) are copied. The
+    output ends with ``checksums.json`` over everything written.
+    """
     mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    if verify:
+        verify_mcore_dir(mcore_dir)
     meta = read_meta(mcore_dir)
     plan = plan_from_meta(meta)
     readers = _open_rank_files(mcore_dir, plan)
@@ -233,7 +275,33 @@ def convert_mcore_to_hf(
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (out_dir / "config.json").write_text(json.dumps(meta["hf_config"], indent=2))
+    if serving_files_from is not None:
+        for name in SERVING_FILES:
+            src = Path(serving_files_from) / name
+            if src.is_file():
+                shutil.copy2(src, out_dir / name)
+    write_checksums(out_dir)
     return out_dir
+
+
+def conversion_meta(hf_dir: str | Path, tp: int, pp: int, *, layers_per_stage: list[int] | None = None,
+                    te: bool = False, vocab_divisible_by: int = 1, dtype: str = "float32",
+                    hf_prefix: str | None = None) -> dict[str, Any]:
+    """The ``mcore_checkpoint.json`` content for a model built from ``hf_dir`` at tp × pp.
+
+    Pass it as ``CheckpointManager(model_meta=...)`` so that every checkpoint is also a
+    valid Megatron checkpoint for :func:`convert_mcore_to_hf`.
+    """
+    cfg = load_config_json(hf_dir)
+    if hf_prefix is None:
+        hf_prefix = default_hf_prefix(cfg, open_hf_dir(hf_dir).names())
+    plan = build_plan(read_lm_dims(cfg), tp, pp, layers_per_stage=layers_per_stage, te=te,
+                      hf_prefix=hf_prefix, vocab_divisible_by=vocab_divisible_by, config_json=cfg)
+    return {"format": FORMAT, "version": 1, "tp": tp, "pp": pp,
+            "layers_per_stage": plan.layers_per_stage, "te": te, "hf_prefix": hf_prefix,
+            "vocab_divisible_by": vocab_divisible_by, "vocab_padded": plan.vocab_padded,
+            "dtype": dtype, "hf_config": cfg}
+
 
 
 # ------------------------------------------------------------------- live models
@@ -255,9 +323,7 @@ def load_mcore_shard(model: torch.nn.Module, ckpt_dir: str | Path, tp_rank: int,
 def copy_shard_into(own: Mapping[str, torch.Tensor], path: Path) -> None:
     """Copy a safetensors shard into the tensors ``own`` in place (optimizer references
     stay valid); every name and shape is checked before the first copy."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         names = set(f.keys())
         missing, unexpected = sorted(set(own) - names), sorted(names - set(own))
         bad = [f"{n}: file {list(f.get_slice(n).get_shape())} vs model {list(own[n].shape)}"
@@ -300,9 +366,13 @@ def load_hf_into_model(
     """Fill a live rank's model straight from an HF checkpoint (no intermediate files).
 
     Returns the conversion plan used (layout, HF prefix, padded vocab) for callers that
-    record it next to what they save.
+    record it next to what they save. Every tensor's shape is checked before the first
+    copy (a model padded to another vocabulary size is named with both shapes); file
+    sizes are checked against ``checksums.json`` when the directory has one.
     """
     hf_dir = Path(hf_dir)
+    if (hf_dir / CHECKSUMS).is_file():
+        verify_dir(hf_dir, sha256=False)  # every rank reads the dir: sizes only
     cfg = load_config_json(hf_dir)
     reader = open_hf_dir(hf_dir)
     plan = build_plan(read_lm_dims(cfg), tp, pp, layers_per_stage=layers_per_stage, te=te,
@@ -317,6 +387,13 @@ def load_hf_into_model(
             f"model on tp_rank={tp_rank} pp_rank={pp_rank} does not match the plan: model-only "
             f"{sorted(set(own) - wanted)[:5]}, plan-only {sorted(wanted - set(own))[:5]}"
         )
+    bad = [f"{r.mcore}: model {list(own[r.mcore].shape)} vs checkpoint {list(plan.rank_shape(r))}"
+           for r in rules if tuple(own[r.mcore].shape) != tuple(plan.rank_shape(r))]
+    if bad:
+        raise CheckpointError(
+            f"model on tp_rank={tp_rank} pp_rank={pp_rank} does not fit {hf_dir} "
+            f"(vocab_size {plan.dims.vocab_size} padded to {plan.vocab_padded} with "
+            f"vocab_divisible_by={vocab_divisible_by}, tp={tp}): {'; '.join(bad[:5])}")
     with torch.no_grad():
         for r in rules:
             full = [reader.get(n) for n in r.hf]

@@ -8,7 +8,8 @@ never has to be held in memory. The result is a standard safetensors file.
 :class:`HFReader` opens a checkpoint directory (``model.safetensors`` or
 ``model.safetensors.index.json`` + shards) and reads tensors one at a time through
 ``safe_open``; headers are checked up front so that a missing shard or tensor, or a
-shape that disagrees with config.json, fails before any large allocation.
+shape that disagrees with config.json, fails before any large allocation. Every file is
+opened through :func:`open_safetensors`, so a truncated file is an error naming it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 _DTYPE_CODES = {
     torch.float32: "F32",
@@ -42,6 +44,18 @@ _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read/converted (names the file and the tensor)."""
+
+
+def open_safetensors(path: str | Path) -> Any:
+    """``safe_open`` of one file; a missing, truncated or otherwise unreadable file raises
+    :class:`CheckpointError` naming it (safetensors' own errors do not)."""
+    path = Path(path)
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        size = path.stat().st_size if path.is_file() else None
+        what = "is missing" if size is None else f"({size} bytes) is not a complete safetensors file"
+        raise CheckpointError(f"{path} {what}: {err}") from err
 
 
 def dtype_from_code(code: str) -> torch.dtype:
@@ -155,7 +169,7 @@ class LazyTensorFiles:
         if path not in self._handles:
             if not path.is_file():
                 raise CheckpointError(f"shard file {path} is missing")
-            self._handles[path] = safe_open(str(path), framework="pt")
+            self._handles[path] = open_safetensors(path)
         return self._handles[path]
 
     def names(self) -> list[str]:
@@ -196,7 +210,7 @@ def open_hf_dir(ckpt_dir: str | Path) -> LazyTensorFiles:
             )
         where = {k: ckpt_dir / v for k, v in weight_map.items()}
     elif single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with open_safetensors(single) as f:
             where = {k: single for k in f.keys()}
     else:
         raise CheckpointError(

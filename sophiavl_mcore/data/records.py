@@ -6,15 +6,18 @@ A record (one training question) has the fields of the SophiaVL-R1 release::
     problem_id    int | str      unique within its file (used in error messages)
     problem       str            the question text
     data_type     "image" | "text"
-    problem_type  one of rewards.outcome.PROBLEM_TYPES
+    problem_type  one of rewards.outcome.PROBLEM_TYPES, or "text" (the release's name
+                  for free-text answers, read as "free-form")
     options       list[str]      option texts for multiple choice (may be empty)
     solution      str            "<answer>X</answer>"
     path          str            image path relative to the source's image root
                                  (required for data_type "image", ignored for "text")
     data_source   str            optional; defaults to the source's name
 
-Schema problems raise :class:`RecordError` at load time, naming the file, the record
-(index and problem_id) and the field, with what was expected. Image problems are not
+Schema problems raise :class:`RecordError` at load time (an unknown problem_type raises
+its subclass ``ProblemTypeError``), naming the file, the record (JSONL line or JSON/parquet
+index, and problem_id) and the field, with what was expected. Files are UTF-8, with or
+without a byte-order mark. Image problems are not
 checked here: they are found when the image is loaded (see ``images.py``), where a bad
 image skips its sample instead of stopping the run.
 
@@ -38,16 +41,17 @@ from typing import Any
 
 import numpy as np
 
+from sophiavl_mcore.data.errors import RecordError
 from sophiavl_mcore.rewards.outcome import check_problem_type
+
+__all__ = ["DATA_TYPES", "DataConfig", "DataSourceConfig", "MixedSampler", "Record", "RecordError",
+           "build_sampler", "check_unique_ids", "load_records", "read_raw_records",
+           "validate_record"]
 
 logger = logging.getLogger(__name__)
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 DATA_TYPES: tuple[str, ...] = ("image", "text")
-
-
-class RecordError(ValueError):
-    """A record that does not follow the schema; the message names file, record and field."""
 
 
 @dataclasses.dataclass
@@ -170,12 +174,39 @@ def validate_record(
 # ------------------------------------------------------------------ loaders
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _decode(raw: bytes, path: Path, lineno: int | None = None, *, bom: bool = True) -> str:
+    """UTF-8 text of ``raw`` (a whole file, or line ``lineno``), a leading byte-order mark
+    dropped when ``bom``; bytes that are not UTF-8 raise :class:`RecordError` naming the
+    file, the line and the column of the first bad byte."""
+    if bom and raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if lineno is None:
+            lineno = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise RecordError(
+            f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
+            "expected UTF-8 text"
+        ) from None
+
+
 def read_raw_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, raw_record)`` from a .json / .jsonl / .parquet file."""
+    """Yield ``(where, raw_record)`` from a .json / .jsonl / .parquet file.
+
+    JSON files are read as UTF-8 with an optional byte-order mark (as written by common
+    Windows tools); bytes that are not UTF-8 raise :class:`RecordError` naming the line.
+    """
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                # Only the file's first line may carry a byte-order mark.
+                line = _decode(raw, path, lineno, bom=lineno == 1)
                 if not line.strip():
                     continue
                 try:
@@ -184,14 +215,12 @@ def read_raw_records(path: Path) -> Iterator[tuple[str, Any]]:
                     raise RecordError(f"{path}:{lineno}: not valid JSON ({err})") from err
                 yield f"{path}:{lineno}", rec
     elif suffix == ".json":
+        text = _decode(path.read_bytes(), path, None)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            for i, (lineno, rec) in enumerate(_json_list_items(text, path)):
+                yield f"{path}:{lineno} record #{i}", rec
         except json.JSONDecodeError as err:
-            raise RecordError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(data, list):
-            raise RecordError(f"{path}: top level must be a list of records, got {type(data).__name__}")
-        for i, rec in enumerate(data):
-            yield f"{path} record #{i}", rec
+            raise RecordError(f"{path}:{err.lineno}: not valid JSON ({err})") from err
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -201,6 +230,54 @@ def read_raw_records(path: Path) -> Iterator[tuple[str, Any]]:
         raise RecordError(f"{path}: unknown data file type {suffix!r}; expected .json, .jsonl or .parquet")
 
 
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _json_list_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line, value)`` of each element of a top-level JSON list (the line where the
+    element starts, so that errors can point at it)."""
+    decoder = json.JSONDecoder()
+    pos = _JSON_WS.match(text, 0).end()
+    if not text.startswith("[", pos):
+        kind = type(json.loads(text)).__name__  # raises JSONDecodeError if not JSON at all
+        raise RecordError(f"{path}: top level must be a list of records, got {kind}")
+    pos = _JSON_WS.match(text, pos + 1).end()
+    if not text.startswith("]", pos):
+        while True:
+            value, end = decoder.raw_decode(text, pos)
+            yield text.count("\n", 0, pos) + 1, value
+            pos = _JSON_WS.match(text, end).end()
+            if text.startswith("]", pos):
+                break
+            if not text.startswith(",", pos):
+                raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+            pos = _JSON_WS.match(text, pos + 1).end()
+    rest = _JSON_WS.match(text, pos + 1).end()
+    if rest < len(text):
+        raise json.JSONDecodeError("extra data after the list", text, rest)
+
+
+def check_unique_ids(path: Path, entries: Sequence[tuple[str, Any]]) -> None:
+    """Raise :class:`RecordError` if two records share a problem_id.
+
+    ``entries`` are ``(where, raw problem_id)``. Ids are compared as strings (the
+    trainer keys records by ``str(problem_id)``), so ``7`` and ``"7"`` are the same id;
+    the error says so when that is the collision.
+    """
+    seen: dict[str, tuple[str, Any]] = {}
+    for where, pid in entries:
+        key = str(pid)
+        if key in seen:
+            first_where, first_pid = seen[key]
+            same = "" if type(first_pid) is type(pid) else (
+                f" ({first_pid!r} and {pid!r} count as the same id: ids are compared as strings)")
+            raise RecordError(
+                f"{path}: problem_id {pid!r} appears twice, at {first_where} and at {where}{same}; "
+                "expected unique ids"
+            )
+        seen[key] = (where, pid)
+
+
 def load_records(path: str | Path, image_root: str | Path | None = None, name: str = "") -> list[Record]:
     """Load and validate every record of one file; raise :class:`RecordError` on the first bad one."""
     path = Path(path)
@@ -208,14 +285,11 @@ def load_records(path: str | Path, image_root: str | Path | None = None, name: s
         raise RecordError(f"data file {path} does not exist")
     root = Path(image_root) if image_root else path.parent
     source = name or path.stem
-    records = [validate_record(rec, where, root, source) for where, rec in read_raw_records(path)]
-    seen: dict[str, int] = {}
-    for i, rec in enumerate(records):
-        if rec.problem_id in seen:
-            raise RecordError(
-                f"{path}: problem_id {rec.problem_id!r} appears twice (records #{seen[rec.problem_id]} and #{i})"
-            )
-        seen[rec.problem_id] = i
+    records, ids = [], []
+    for where, rec in read_raw_records(path):
+        records.append(validate_record(rec, where, root, source))
+        ids.append((where, rec["problem_id"]))
+    check_unique_ids(path, ids)
     if not records:
         raise RecordError(f"{path}: no records")
     logger.info("loaded %d records from %s", len(records), path)

@@ -3,16 +3,19 @@
 A response must follow ``<think>…</think><answer>…</answer>``; anything else scores 0
 (the *format gate*). Inside the gate, the answer is graded by problem type:
 
-- ``numerical``: mathematical equivalence as math-verify decides it (0.5 = 1/2 =
-  \\frac{1}{2}, units, ``$`` and ``\\boxed{}`` tolerated), binary. math-verify costs about
-  2 ms a call, so plain numbers, fractions and percentages take an exact fast path whose
-  verdicts agree with math-verify; only the rest (and near-ties, where math-verify's
-  rounding decides) go to math-verify. :class:`OutcomeStats` counts the slow-path share.
-- ``multiple choice``: the set of option letters must match ("B", "(B)", "B.", "B) text",
-  "b", "B, D" and an option's own text are understood).
+- ``numerical``: binary. Plain numbers (integers, decimals, thousands separators,
+  fractions, ``\\frac``, percentages, scientific notation, with ``$``/``\\boxed{}``
+  and units tolerated) are compared exactly (:mod:`sophiavl_mcore.rewards.numeric`,
+  whose docstring lists the rules and the intended divergences from math-verify);
+  everything else (and near-ties, where math-verify's rounding decides) goes to
+  math-verify's equivalence check. :class:`OutcomeStats` counts the slow-path share.
+- ``multiple choice``: the set of option letters the reply commits to must equal the
+  gold set (rules in :func:`option_letters`: "B", "(B)", "**B**", "B, D", "B) text",
+  an option's own text, "C is correct", "I think the answer is B.").
 - ``OCR``: exp(−WER) on whitespace-separated words (C++ batch kernel).
 - ``free-form``: mean of ROUGE-1, ROUGE-2 and ROUGE-L F with Porter stemming, equal to
-  the ``rouge-score`` package's numbers (C++ batch kernel).
+  the ``rouge-score`` package's numbers (C++ batch kernel). The released SophiaVL-R1
+  data's ``text`` type is read as ``free-form`` (:data:`PROBLEM_TYPE_ALIASES`).
 
 An optional separate format reward (``format_weight``, off by default) adds
 ``format_weight · well_formed`` on top of the gated accuracy.
@@ -20,20 +23,28 @@ An optional separate format reward (``format_weight``, off by default) adds
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import numpy as np
 
+from sophiavl_mcore.data.errors import RecordError
+from sophiavl_mcore.rewards.numeric import fast_numeric_verdict, math_verify_equal
 from sophiavl_mcore.rewards.text_metrics import batch_rouge, batch_wer
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "PROBLEM_TYPES", "PROBLEM_TYPE_ALIASES", "OutcomeSample", "OutcomeScores", "OutcomeStats",
+    "ParsedResponse", "ProblemTypeError", "check_problem_type", "fast_numeric_verdict",
+    "math_verify_equal", "ocr_reward", "option_letters", "parse_response", "score_outcomes",
+    "solution_answer",
+]
 
 PROBLEM_TYPES: tuple[str, ...] = ("numerical", "multiple choice", "OCR", "free-form")
+# Other names for a problem type in published data: the SophiaVL-R1 release's "text"
+# questions have free-text answers, graded like free-form.
+PROBLEM_TYPE_ALIASES: dict[str, str] = {"text": "free-form"}
 
 _RESPONSE_RE = re.compile(
     r"^\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*$", re.DOTALL
@@ -41,19 +52,24 @@ _RESPONSE_RE = re.compile(
 _SOLUTION_RE = re.compile(r"<answer>(?P<answer>.*?)</answer>", re.DOTALL)
 
 
-class ProblemTypeError(ValueError):
-    """A record names a problem_type the reward functions do not know."""
+class ProblemTypeError(RecordError):
+    """A record names a problem_type the reward functions do not know (a
+    :class:`~sophiavl_mcore.data.errors.RecordError`, so loaders catch one type)."""
 
 
 def check_problem_type(problem_type: object, where: str) -> str:
-    """Return ``problem_type`` if it is one of :data:`PROBLEM_TYPES`, else raise.
+    """The canonical name of ``problem_type`` (one of :data:`PROBLEM_TYPES`; aliases in
+    :data:`PROBLEM_TYPE_ALIASES` are mapped), else raise :class:`ProblemTypeError`.
 
     ``where`` names the record (file and record id) so that the error points at the data.
     """
+    if isinstance(problem_type, str):
+        problem_type = PROBLEM_TYPE_ALIASES.get(problem_type, problem_type)
     if not isinstance(problem_type, str) or problem_type not in PROBLEM_TYPES:
+        accepted = [*PROBLEM_TYPES, *PROBLEM_TYPE_ALIASES]
         raise ProblemTypeError(
             f"{where}: field 'problem_type' is {problem_type!r}; expected one of "
-            f"{', '.join(repr(p) for p in PROBLEM_TYPES)}"
+            f"{', '.join(repr(p) for p in accepted)}"
         )
     return problem_type
 
@@ -81,131 +97,102 @@ def solution_answer(solution: str) -> str:
     return (match["answer"] if match else solution).strip()
 
 
-# ---------------------------------------------------------------- numerical answers
-
-_NUMBER_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
-_FRACTION_RE = re.compile(r"^([+-]?\d+)\s*/\s*(\d+)$")
-_LATEX_FRAC_RE = re.compile(r"^([+-]?)\\[dt]?frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}$")
-_BOXED_RE = re.compile(r"^\\boxed\{(.*)\}$", re.DOTALL)
-
-# Below this relative gap two numbers are "near": math-verify's rounding (6 digits) can
-# call them equal, so the fast path defers to it.
-_NEAR_RELATIVE_GAP = 1e-4
-
-
-@dataclass(frozen=True)
-class _PlainNumber:
-    value: Fraction
-    percent: bool
-
-
-def _plain_number(text: str) -> _PlainNumber | None:
-    """Parse a plain number/fraction/percentage, or None when it needs math-verify."""
-    s = text.strip()
-    for _ in range(3):  # peel $…$, \boxed{…}, \(…\) wrappers in any order
-        boxed = _BOXED_RE.match(s)
-        if boxed:
-            s = boxed[1].strip()
-        elif len(s) >= 2 and s[0] == "$" and s[-1] == "$":
-            s = s.strip("$").strip()
-        elif s.startswith("\\(") and s.endswith("\\)"):
-            s = s[2:-2].strip()
-    percent = s.endswith("%")
-    if percent:
-        s = s[:-1].rstrip().removesuffix("\\")
-    try:
-        if _NUMBER_RE.match(s):
-            return _PlainNumber(Fraction(s), percent)
-        frac = _FRACTION_RE.match(s) or None
-        if frac and int(frac[2]) != 0:
-            return _PlainNumber(Fraction(int(frac[1]), int(frac[2])), percent)
-        latex = _LATEX_FRAC_RE.match(s)
-        if latex and int(latex[3]) != 0:
-            value = Fraction(int(latex[2]), int(latex[3]))
-            return _PlainNumber(-value if latex[1] == "-" else value, percent)
-    except (ValueError, ZeroDivisionError):
-        return None
-    return None
-
-
-def _far_apart(a: Fraction, b: Fraction) -> bool:
-    scale = max(abs(a), abs(b), Fraction(1))
-    return abs(a - b) > scale * Fraction(_NEAR_RELATIVE_GAP)
-
-
-def fast_numeric_verdict(gold: str, answer: str) -> bool | None:
-    """True/False when both sides are plain numbers and the verdict is certain, else None.
-
-    A percentage matches both its number and its number/100, as math-verify does.
-    """
-    g, a = _plain_number(gold), _plain_number(answer)
-    if g is None or a is None:
-        return None
-    gold_values = {g.value, g.value / 100} if g.percent else {g.value}
-    answer_values = {a.value, a.value / 100} if a.percent else {a.value}
-    if gold_values & answer_values:
-        return True
-    if all(_far_apart(x, y) for x in gold_values for y in answer_values):
-        return False
-    return None
-
-
-def math_verify_equal(gold: str, answer: str) -> bool:
-    """math-verify's verdict; any parser failure or timeout counts as not equal."""
-    from math_verify import parse, verify  # import costs ~1 s: only when a slow case occurs
-
-    try:
-        gold_parsed = _parse_math(parse, gold)
-        answer_parsed = _parse_math(parse, answer)
-        if not gold_parsed or not answer_parsed:
-            return False
-        return bool(verify(gold_parsed, answer_parsed))
-    except Exception as err:  # math-verify raises assorted sympy errors on odd input
-        logger.debug("math-verify failed on %r vs %r: %s", gold, answer, err)
-        return False
-
-
-def _parse_math(parse, text: str) -> list:
-    # math-verify only finds LaTeX inside delimiters ($…$, \boxed{}); an answer field is
-    # bare LaTeX like "\sqrt{2}", so retry inside $…$ when the plain parse finds nothing.
-    parsed = parse(text)
-    if not parsed and "$" not in text:
-        parsed = parse(f"${text}$")
-    return parsed
-
-
 # ---------------------------------------------------------------- multiple choice
 
-_OPTION_TOKEN_RE = re.compile(r"^\(?([A-Za-z])\)?[.:)]?$")
-_LEADING_OPTION_RE = re.compile(r"^\(?([A-Za-z])[.:)]\s+\S")
-_OPTION_PREFIX_RE = re.compile(r"^(the\s+)?(correct\s+)?(answer|option|choice)s?\s*(is|are|:)?\s*", re.I)
+_OPTION_TOKEN_RE = re.compile(r"^[(\[]?([A-Za-z])[)\]]?[.:)]?$")
+_LEADING_OPTION_RE = re.compile(r"^[(\[]?([A-Za-z])[.:)\]]\s+\S")
+_OPTION_PREFIX_RE = re.compile(
+    r"^(the\s+)?(final\s+)?(correct\s+)?(answer|option|choice)s?\s*(is|are|:)?\s*", re.I)
+_LETTER_LIST = r"[(\[]?[A-Z][)\]]?(?:\s*(?:,|/|&|\band\b|\bor\b)\s*[(\[]?[A-Z][)\]]?)*"
+# Phrases that commit to option letters; keywords in any case, letters upper case
+# (a lower-case "a" in running text is an article). "X is correct" only counts at the
+# start of a clause or after "think/so/…" ("Between A and B, A is correct" names A).
+_COMMIT_RES = (
+    re.compile(r"(?i:\b(?:answer|option|choice)s?\b\s*(?:is|are|would\s+be|should\s+be|"
+               r"must\s+be)?\s*[:=]?\s*(?:option\s+|choice\s+)?)(?P<l>" + _LETTER_LIST + r")(?![\w'])"),
+    re.compile(r"(?:^|[.;:!?,]\s*|(?i:\b(?:think|believe|guess|so|thus|hence|therefore|then|"
+               r"clearly)\s+))(?P<l>" + _LETTER_LIST + r")\s+(?i:(?:is|are)\s+(?:the\s+)?"
+               r"(?:correct|right|best|true|answer))"),
+    re.compile(r"(?i:\b(?:choose|chose|pick|select|go\s+with)\s+(?:option\s+|choice\s+)?)"
+               r"(?P<l>" + _LETTER_LIST + r")(?![\w'])"),
+)
+# Letters rule 5 accepts when the options are unknown ("I" is far more often a pronoun).
+_FREE_TEXT_LETTERS = "ABCDEFGH"
+_MARKUP_RE = re.compile(r"\*\*|__|`|\$")
+_LATEX_WRAP_RE = re.compile(r"\\(?:boxed|text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 
 
-def option_letters(answer: str, options: Sequence[str] = ()) -> frozenset[str]:
-    """The set of option letters an answer names (upper case); empty if none is clear.
+def _strip_markup(text: str) -> str:
+    """Remove markdown emphasis, backticks, ``$`` and ``\\boxed{}``-style wrappers."""
+    text = _LATEX_WRAP_RE.sub(r"\1", text)
+    text = _MARKUP_RE.sub("", text)
+    return re.sub(r"(?<![A-Za-z])\*([A-Za-z])\*(?![A-Za-z])", r"\1", text).strip()
 
-    Understands "B", "(B)", "B.", "b", "B, D", "B and D", "B) some text", "Answer: B", and
-    the full text of one of ``options`` (options may be "A. text" or plain "text").
-    """
-    text = _OPTION_PREFIX_RE.sub("", answer.strip()).strip().rstrip(".")
-    if not text:
-        return frozenset()
+
+def _letter_list(text: str) -> frozenset[str] | None:
+    """Letters of a bare list ("B", "(B)", "B, D", "D and B"); None if ``text`` is not one."""
     tokens = [t for t in re.split(r"\s*(?:,|;|/|&|\band\b|\s)\s*", text) if t]
     letters = [_OPTION_TOKEN_RE.match(t) for t in tokens]
     if tokens and all(letters):
         return frozenset(m[1].upper() for m in letters if m)
-    leading = _LEADING_OPTION_RE.match(text)
+    return None
+
+
+def _committed_letters(text: str, allowed: str) -> frozenset[str]:
+    """Letters (among ``allowed``) named by commitment phrases; empty when there are none,
+    or when they disagree or offer alternatives ("B or C")."""
+    found: set[frozenset[str]] = set()
+    for pattern in _COMMIT_RES:
+        for m in pattern.finditer(text):
+            letters = frozenset(re.findall(r"[A-Z]", m["l"]))
+            if not letters <= set(allowed):
+                continue  # "the answer I chose": a pronoun, not an option
+            if re.search(r"\bor\b", m["l"]):
+                return frozenset()
+            found.add(letters)
+    return next(iter(found)) if len(found) == 1 else frozenset()
+
+
+def option_letters(answer: str, options: Sequence[str] = ()) -> frozenset[str]:
+    """The set of option letters an answer commits to (upper case); empty if none is clear.
+
+    Rules, first match wins (markdown ``**``/``__``/backticks, ``$`` and
+    ``\\boxed{}``/``\\text{}`` are removed first, then a trailing period):
+
+    1. a bare letter list: "B", "(B)", "[B]", "B.", "b", "B, D", "B and D";
+    2. the same after "Answer:", "The (final) (correct) answer is", "Option";
+    3. a leading option label: "B) the triangle", "B. green", "(B) green";
+    4. the full text of one of ``options`` ("A. text" or plain "text");
+    5. commitment phrases anywhere in the text — "answer/option/choice (is|:|would be)
+       X", "X is (the) correct/right/best/answer", "I choose/pick/select/go with X" —
+       when all of them name the same letter set; phrases that disagree, or offer
+       alternatives ("B or C"), commit to nothing. Only option labels count here
+       (A–H when ``options`` is empty).
+
+    A reply naming two letters where one is expected therefore yields a two-letter set
+    (rule 1) or nothing, and never equals a one-letter gold answer.
+    """
+    text = _strip_markup(answer).rstrip(".!")
+    if not text:
+        return frozenset()
+    for candidate in (text, _OPTION_PREFIX_RE.sub("", text).strip().rstrip(".!")):
+        letters = _letter_list(candidate)
+        if letters is not None:
+            return letters
+    leading = _LEADING_OPTION_RE.match(_OPTION_PREFIX_RE.sub("", text).strip())
     if leading:
         return frozenset({leading[1].upper()})
     normalized = _normalize_option_text(text)
+    labels = []
     for index, option in enumerate(options):
         label = chr(ord("A") + index)
         option_match = _LEADING_OPTION_RE.match(option.strip())
         if option_match:
             label = option_match[1].upper()
+        labels.append(label)
         if normalized in {_normalize_option_text(option), _normalize_option_text(option[2:])}:
             return frozenset({label})
-    return frozenset()
+    return _committed_letters(text, "".join(labels) or _FREE_TEXT_LETTERS)
 
 
 def _normalize_option_text(text: str) -> str:
@@ -267,21 +254,21 @@ def score_outcomes(samples: Sequence[OutcomeSample], format_weight: float = 0.0)
         "free-form": ([], [], []),
     }
     for index, sample in enumerate(samples):
-        check_problem_type(sample.problem_type, f"sample {index}")
-        stats.per_type_count[sample.problem_type] = stats.per_type_count.get(sample.problem_type, 0) + 1
+        problem_type = check_problem_type(sample.problem_type, f"sample {index}")
+        stats.per_type_count[problem_type] = stats.per_type_count.get(problem_type, 0) + 1
         parsed = parse_response(sample.response)
         well_formed[index] = parsed.well_formed
         if not parsed.well_formed:
             stats.malformed += 1
             continue
         gold = solution_answer(sample.solution)
-        if sample.problem_type == "numerical":
+        if problem_type == "numerical":
             accuracy[index] = _grade_numerical(gold, parsed.answer, stats)
-        elif sample.problem_type == "multiple choice":
+        elif problem_type == "multiple choice":
             gold_letters = option_letters(gold, sample.options)
             accuracy[index] = float(bool(gold_letters) and gold_letters == option_letters(parsed.answer, sample.options))
         else:
-            indices, references, hypotheses = text_jobs[sample.problem_type]
+            indices, references, hypotheses = text_jobs[problem_type]
             indices.append(index)
             references.append(gold)
             hypotheses.append(parsed.answer)

@@ -2,40 +2,45 @@
 
 One interface, :class:`ThinkingRewardClient`, two backends:
 
-* :class:`VllmServerThinkingClient` — an OpenAI-compatible chat endpoint (``vllm
-  serve``): asyncio + aiohttp, bounded concurrency, per-request timeouts, retries with
-  exponential backoff and jitter, an API-key header, http(s) URLs, and a circuit
-  breaker so a dead server costs seconds, not the retry budget of every request.
+* :class:`~sophiavl_mcore.rewards.trm_http.VllmServerThinkingClient` (in
+  ``rewards/trm_http.py``, importable from here) — an OpenAI-compatible chat endpoint
+  (``vllm serve``): asyncio + aiohttp, bounded concurrency, per-request timeouts, retries
+  with exponential backoff and jitter that honour ``Retry-After``, replies read up to
+  ``max_reply_bytes``, an API-key header, http(s) URLs, and a circuit breaker so a dead
+  server costs seconds, not the retry budget of every request.
 * :class:`InProcessThinkingClient` — a colocated :class:`~sophiavl_mcore.rollout.RolloutEngine`.
 
 Failure policy: ``score()`` never raises because of the server or a reply. A response
 that could not be scored gets NaN (Trust-GRPO leaves it out of μc/μw), and
-:class:`ThinkingScores` counts failures per reason (``timeout``, ``connection``,
-``http_<code>``, ``parse``, ``malformed``, ``client_error``, ``circuit_open``,
-``deadline``, ``bad_request``, ``too_long``, ``engine_error``, ``internal``), reported as
-``reward/trm_fail_<reason>``.
+:class:`ThinkingScores` counts failures per reason (``timeout``, ``connection`` — also a
+connection cut in the middle of a reply —, ``http_<code>``, ``parse``, ``malformed``,
+``too_large``, ``client_error``, ``circuit_open``, ``deadline``, ``bad_request``,
+``too_long``, ``engine_error``, ``internal``), reported as ``reward/trm_fail_<reason>``.
 
-The TRM answers ``<answer>s</answer>`` with s in {0.0, 0.1, ..., 1.0}; constrained
-decoding (vLLM structured outputs, a regex) makes every reply parse, and the parser is
-tolerant anyway. ``score_mode="expected"`` reads the probability-weighted mean score
-from the log-probs of the score tokens instead of the greedy token.
+The prompt is a system message (``system_prompt``) and the user text from a template
+file (``prompt_template``; default: ``templates/trm_default.txt`` in this package) with
+``{question}`` and ``{reasoning}`` filled in, so that a TRM trained on another prompt
+(the released SophiaVL-R1 TRM) is asked the way it was trained. The TRM answers
+``<answer>s</answer>``; constrained decoding (vLLM structured outputs, a regex over
+s in {0.0, 0.1, ..., 1.0}) makes every reply of a vLLM server parse. :func:`parse_score`
+accepts exactly two forms: one ``<answer>s</answer>`` tag (text around it allowed) or a
+bare score ``s``, with s a number in [0, 1]; anything else is a ``parse`` failure.
+``score_mode="expected"`` reads the probability-weighted mean score from the log-probs
+of the score tokens instead of the greedy token.
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
-import base64
 import dataclasses
-import io
+import functools
 import logging
 import math
-import random
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -49,24 +54,33 @@ SYSTEM_PROMPT = (
     "You are a meticulous grader of step-by-step reasoning. You judge the thinking "
     "process, not only the final answer."
 )
+DEFAULT_TEMPLATE = Path(__file__).with_name("templates") / "trm_default.txt"
+TEMPLATE_FIELDS = ("{question}", "{reasoning}")
 
-INSTRUCTION = """Below are a question (with its image, if any) and a model's reasoning for it.
 
-Question:
-{question}
+@functools.lru_cache(maxsize=16)
+def load_prompt_template(path: str = "") -> str:
+    """The TRM user-prompt template at ``path`` (empty: the package default), read once.
 
-Reasoning to evaluate:
-{reasoning}
+    A template is UTF-8 text containing ``{question}`` and ``{reasoning}``; other braces
+    are kept as they are. One trailing newline (the usual end of a text file) is not
+    part of the prompt. Raises ValueError (one line, naming the file) when the file
+    cannot be read or a placeholder is missing.
+    """
+    file = Path(path) if path else DEFAULT_TEMPLATE
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"prompt_template {str(file)!r} cannot be read ({err})") from None
+    missing = [f for f in TEMPLATE_FIELDS if f not in text]
+    if missing:
+        raise ValueError(f"prompt_template {str(file)!r} lacks the placeholder(s) "
+                         f"{', '.join(missing)}; expected both {' and '.join(TEMPLATE_FIELDS)}")
+    return text.removesuffix("\n")
 
-Judge the reasoning as a whole on five criteria:
-1. Logical soundness: every step follows from the question, the image and earlier steps; no leaps or contradictions.
-2. Correct reasoning: facts, reading of the image, calculations and methods are right.
-3. Error identification: the reasoning notices and fixes its own mistakes instead of building on them.
-4. Language consistency: it stays in one language and uses terms and notation consistently.
-5. Redundancy: no needless repetition, loops or padding; every step contributes.
 
-Give one overall score from 0 (worthless reasoning) to 1 (flawless reasoning) in steps of 0.1.
-Reply with the score only, exactly in this format: <answer>score</answer>"""
+# The default template's text (kept under its old name for callers that key on it).
+INSTRUCTION = load_prompt_template()
 
 
 # --------------------------------------------------------------------------- config
@@ -79,11 +93,16 @@ class ThinkingRewardConfig:
     ``max_concurrency`` bounds requests in flight. A request is tried
     ``1 + max_retries`` times; the wait before retry k is
     ``min(backoff_max_s, backoff_base_s * 2**k)`` scaled by a random factor in
-    [0.5, 1] (jitter, so clients do not retry in lockstep). After
-    ``breaker_threshold`` consecutive connection errors / timeouts / 5xx, the breaker
-    opens: requests fail at once with ``circuit_open`` for ``breaker_cooldown_s``,
-    then one probe request decides whether it closes. ``batch_deadline_s`` bounds a
-    whole ``score()`` call; requests not finished by then are ``deadline`` failures.
+    [0.5, 1] (jitter, so clients do not retry in lockstep), or the server's
+    ``Retry-After`` (429/503) when that is longer, capped at ``retry_after_max_s``.
+    After ``breaker_threshold`` consecutive connection errors / timeouts / 5xx, the
+    breaker opens: requests fail at once with ``circuit_open`` for
+    ``breaker_cooldown_s``, then one probe request decides whether it closes.
+    ``batch_deadline_s`` bounds a whole ``score()`` call; requests not finished by then
+    are ``deadline`` failures. A reply body longer than ``max_reply_bytes`` is not read
+    further (``too_large``). ``prompt_template``: path of the user-prompt template
+    (empty = the package default, see :func:`load_prompt_template`); ``system_prompt``:
+    the system message (empty = none).
     """
 
     backend: Literal["http", "in_process"] = "http"
@@ -96,6 +115,7 @@ class ThinkingRewardConfig:
     max_retries: int = 3
     backoff_base_s: float = 0.5
     backoff_max_s: float = 8.0
+    retry_after_max_s: float = 30.0
     breaker_threshold: int = 16
     breaker_cooldown_s: float = 10.0
     batch_deadline_s: float | None = 600.0
@@ -105,8 +125,11 @@ class ThinkingRewardConfig:
     score_mode: Literal["greedy", "expected"] = "greedy"
     top_logprobs: int = 20
     max_tokens: int = 16
+    max_reply_bytes: int = 1 << 20
     max_reasoning_chars: int = 12000
     image_format: Literal["PNG", "JPEG"] = "PNG"
+    prompt_template: str = ""
+    system_prompt: str = SYSTEM_PROMPT
 
     def __post_init__(self) -> None:
         errors = []
@@ -122,6 +145,8 @@ class ThinkingRewardConfig:
         if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
             errors.append(f"need 0 <= backoff_base_s={self.backoff_base_s} <= backoff_max_s="
                           f"{self.backoff_max_s}")
+        if self.retry_after_max_s < 0:
+            errors.append(f"retry_after_max_s={self.retry_after_max_s} must be >= 0")
         if self.breaker_threshold < 1 or self.breaker_cooldown_s < 0:
             errors.append(f"breaker_threshold={self.breaker_threshold} must be >= 1 and "
                           f"breaker_cooldown_s={self.breaker_cooldown_s} >= 0")
@@ -131,6 +156,12 @@ class ThinkingRewardConfig:
             errors.append(f"top_logprobs={self.top_logprobs} must be in [1, 20]")
         if self.max_tokens < 12:
             errors.append(f"max_tokens={self.max_tokens} must be >= 12 to fit <answer>x.y</answer>")
+        if self.max_reply_bytes < 4096:
+            errors.append(f"max_reply_bytes={self.max_reply_bytes} must be >= 4096")
+        try:
+            load_prompt_template(self.prompt_template)
+        except ValueError as err:
+            errors.append(str(err))
         if errors:
             raise ValueError("rewards.thinking: " + "; ".join(errors))
 
@@ -200,36 +231,37 @@ def build_messages(req: ThinkingRequest, cfg: ThinkingRewardConfig,
         # Keep the end: the conclusion matters for most criteria.
         reasoning = "[...]" + reasoning[-cfg.max_reasoning_chars:]
     parts = image_parts if image_parts is not None else [{"type": "image"} for _ in req.images]
-    text = INSTRUCTION.format(question=req.question.strip(), reasoning=reasoning.strip())
-    return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": [*parts, {"type": "text", "text": text}]},
-    ]
+    # str.replace, not str.format: a template may hold other braces (JSON examples).
+    text = (load_prompt_template(cfg.prompt_template)
+            .replace("{question}", req.question.strip())
+            .replace("{reasoning}", reasoning.strip()))
+    messages: list[dict[str, Any]] = []
+    if cfg.system_prompt:
+        messages.append({"role": "system", "content": cfg.system_prompt})
+    messages.append({"role": "user", "content": [*parts, {"type": "text", "text": text}]})
+    return messages
 
 
-_ANSWER_RE = re.compile(r"<answer>\s*([-+]?\d*\.?\d+)\s*(?:</answer>|$)", re.IGNORECASE)
-_NUMBER_RE = re.compile(r"[-+]?\d*\.?\d+")
+_SCORE = r"(?:0(?:\.\d+)?|1(?:\.0+)?|\.\d+)"
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_SCORE_RE = re.compile(rf"\s*({_SCORE})\s*")
 
 
 def parse_score(text: str) -> float | None:
-    """Score in [0, 1] from a TRM reply, or None when there is none.
+    """Score in [0, 1] from a TRM reply, or None when the reply is not one of the two
+    accepted forms: exactly one ``<answer>s</answer>`` tag (any text around it), or the
+    bare score ``s`` alone; s is ``0``, ``1``, ``0.x…``, ``1.0…`` or ``.x…``.
 
-    Accepts ``<answer>0.7</answer>``, an unclosed ``<answer>0.7``, spaces, and as a
-    last resort the last number in the text. Values outside [0, 1] are rejected.
+    Numbers elsewhere in the text are never read ("0.7 out of 1", "Score 0.9 on a 0 to
+    1 scale" and an unclosed ``<answer>0.3`` are None).
     """
     if not isinstance(text, str):
         return None
-    matches = _ANSWER_RE.findall(text)
-    candidates = matches or _NUMBER_RE.findall(text)[-1:]
-    if not candidates:
+    tags = _ANSWER_TAG_RE.findall(text)
+    if len(tags) > 1 or (not tags and "<answer>" in text.lower()):
         return None
-    try:
-        value = float(candidates[-1])
-    except ValueError:
-        return None
-    if not (0.0 <= value <= 1.0) or math.isnan(value):
-        return None
-    return value
+    match = _SCORE_RE.fullmatch(tags[0] if tags else text)
+    return float(match[1]) if match else None
 
 
 def expected_score(tokens: Sequence[tuple[str, float, Sequence[tuple[str, float]]]]) -> float | None:
@@ -282,272 +314,27 @@ def expected_score(tokens: Sequence[tuple[str, float, Sequence[tuple[str, float]
     return total_value / total_mass if total_mass > 0 else greedy
 
 
-def _image_to_data_url(image: Any, fmt: str) -> str:
-    """data: URL for a PIL image, HWC uint8 array, encoded bytes or a file path."""
-    from PIL import Image
-
-    if isinstance(image, str):
-        if image.startswith(("data:", "http://", "https://")):
-            return image
-        with open(image, "rb") as f:
-            image = f.read()
-    if isinstance(image, (bytes, bytearray)):
-        raw = bytes(image)
-        mime = "image/png" if raw[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
-        return f"data:{mime};base64," + base64.b64encode(raw).decode()
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image of type {type(image).__name__}; expected PIL image, "
-                        "HWC uint8 array, bytes or a path")
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format=fmt)
-    mime = "image/png" if fmt == "PNG" else "image/jpeg"
-    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 class _Failure(Exception):
-    def __init__(self, reason: str, retryable: bool, detail: str = "") -> None:
+    """One failed attempt: the reason counted, whether a retry may help, and the wait
+    the server asked for (``Retry-After``), if any."""
+
+    def __init__(self, reason: str, retryable: bool, detail: str = "",
+                 retry_after_s: float | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.retryable, self.detail = reason, retryable, detail
+        self.retry_after_s = retry_after_s
 
 
 def _score_from_reply(text: str, token_logprobs: list | None, mode: str) -> float:
     """Score of one reply, or raise ``_Failure('parse')``."""
-    value: float | None
+    value: float | None = None
     if mode == "expected" and token_logprobs:
         value = expected_score(token_logprobs)
-    else:
+    if value is None:  # greedy mode, or a bare score (no <answer> span to weigh)
         value = parse_score(text)
     if value is None:
         raise _Failure("parse", retryable=False, detail=f"no score in reply {text[:80]!r}")
     return float(value)
-
-
-# --------------------------------------------------------------------------- HTTP backend
-
-
-class _CircuitBreaker:
-    """Opens after ``threshold`` consecutive failures; half-open after ``cooldown_s``.
-
-    While open every request fails at once. Once the cooldown has passed a single
-    probe request goes through; the others wait for its outcome, which closes the
-    breaker (all proceed) or re-opens it (all fail fast again).
-    """
-
-    def __init__(self, threshold: int, cooldown_s: float) -> None:
-        self.threshold, self.cooldown_s = threshold, cooldown_s
-        self.consecutive = 0
-        self.opened_at: float | None = None
-        self.times_opened = 0
-        self._probe_done: asyncio.Event | None = None  # set while a probe is in flight
-
-    async def acquire(self) -> tuple[bool, bool]:
-        """(allowed, is_probe) for the next attempt."""
-        while True:
-            if self.opened_at is None:
-                return True, False
-            if time.monotonic() - self.opened_at < self.cooldown_s:
-                return False, False
-            if self._probe_done is None:
-                self._probe_done = asyncio.Event()
-                return True, True
-            await self._probe_done.wait()
-
-    def record(self, ok: bool, probe: bool = False) -> None:
-        if probe and self._probe_done is not None:
-            self._probe_done.set()
-            self._probe_done = None
-        if ok:
-            if self.opened_at is not None:
-                logger.info("TRM server reachable again; circuit breaker closed")
-            self.consecutive, self.opened_at = 0, None
-            return
-        self.consecutive += 1
-        if probe or (self.opened_at is None and self.consecutive >= self.threshold):
-            if self.opened_at is None:
-                self.times_opened += 1
-                logger.warning("TRM server failing (%d consecutive errors); circuit breaker "
-                               "open for %.1f s", self.consecutive, self.cooldown_s)
-            self.opened_at = time.monotonic()
-
-
-class VllmServerThinkingClient(ThinkingRewardClient):
-    """TRM behind an OpenAI-compatible ``/v1/chat/completions`` endpoint.
-
-    Requests run on a private asyncio loop in a daemon thread (one aiohttp session,
-    pooled connections), so ``score()`` is callable from synchronous training code.
-    """
-
-    def __init__(self, cfg: ThinkingRewardConfig) -> None:
-        self.cfg = cfg
-        self._url = cfg.base_url.rstrip("/") + "/chat/completions"
-        self._breaker = _CircuitBreaker(cfg.breaker_threshold, cfg.breaker_cooldown_s)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="trm-client",
-                                        daemon=True)
-        self._thread.start()
-        self._session = None
-        self.completed_requests = 0  # finished (scored or failed) since construction
-
-    # -- public
-
-    def score(self, requests: Sequence[ThinkingRequest]) -> ThinkingScores:
-        fut = asyncio.run_coroutine_threadsafe(self._ascore(requests), self._loop)
-        return fut.result()
-
-    async def _ascore(self, requests: Sequence[ThinkingRequest]) -> ThinkingScores:
-        # Runs on the client's own loop: the aiohttp session belongs to it.
-        t0 = time.monotonic()
-        n = len(requests)
-        scores = np.full(n, np.nan, dtype=np.float32)
-        failures: Counter[str] = Counter()
-        if n == 0:
-            return ThinkingScores(scores, {}, 0.0)
-        deadline = None if self.cfg.batch_deadline_s is None else t0 + self.cfg.batch_deadline_s
-        sem = asyncio.Semaphore(self.cfg.max_concurrency)
-        session = await self._get_session()
-
-        async def one(i: int) -> None:
-            try:
-                scores[i] = await self._score_one(session, sem, requests[i], deadline)
-            except _Failure as f:
-                failures[f.reason] += 1
-                logger.debug("TRM request %d failed: %s", i, f)
-            except Exception as err:  # a bug or an unexpected library error: still no raise
-                failures["internal"] += 1
-                logger.warning("TRM request %d: unexpected %r", i, err)
-            self.completed_requests += 1
-
-        await asyncio.gather(*(one(i) for i in range(n)))
-        if failures:
-            logger.warning("TRM scoring: %d/%d missing (%s)", int(np.isnan(scores).sum()), n,
-                           ", ".join(f"{k}={v}" for k, v in sorted(failures.items())))
-        return ThinkingScores(scores, dict(failures), time.monotonic() - t0)
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        if self._session is not None:
-            asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result(timeout=10)
-            self._session = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    # -- internals
-
-    async def _get_session(self):
-        import aiohttp
-
-        if self._session is None or self._session.closed:
-            ssl_ctx: Any = None
-            if self.cfg.base_url.startswith("https://"):
-                import ssl
-
-                ssl_ctx = (ssl.create_default_context(cafile=self.cfg.ca_bundle)
-                           if self.cfg.verify_tls else False)
-            connector = aiohttp.TCPConnector(limit=self.cfg.max_concurrency, ssl=ssl_ctx)
-            headers = {"Content-Type": "application/json"}
-            if self.cfg.api_key:
-                headers["Authorization"] = f"Bearer {self.cfg.api_key}"
-            self._session = aiohttp.ClientSession(connector=connector, headers=headers)
-        return self._session
-
-    def _body(self, req: ThinkingRequest) -> dict[str, Any]:
-        try:
-            parts = [{"type": "image_url",
-                      "image_url": {"url": _image_to_data_url(im, self.cfg.image_format)}}
-                     for im in req.images]
-        except (TypeError, OSError, ValueError) as err:
-            raise _Failure("bad_request", retryable=False, detail=str(err)) from err
-        body: dict[str, Any] = {
-            "model": self.cfg.model,
-            "messages": build_messages(req, self.cfg, image_parts=parts),
-            "max_tokens": self.cfg.max_tokens,
-            "temperature": 0.0,
-        }
-        if self.cfg.score_mode == "expected":
-            body["logprobs"] = True
-            body["top_logprobs"] = self.cfg.top_logprobs
-        if self.cfg.constrained:
-            body["structured_outputs"] = {"regex": SCORE_REGEX}
-        return body
-
-    async def _score_one(self, session, sem: asyncio.Semaphore, req: ThinkingRequest,
-                         deadline: float | None) -> float:
-        body = self._body(req)
-        last: _Failure | None = None
-        for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(min(self.cfg.backoff_max_s,
-                                        self.cfg.backoff_base_s * 2 ** (attempt - 1))
-                                    * random.uniform(0.5, 1.0))
-            async with sem:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise _Failure("deadline", retryable=False)
-                allowed, probe = await self._breaker.acquire()
-                if not allowed:
-                    # A request that already met the real error reports that reason.
-                    if last is not None:
-                        raise last
-                    raise _Failure("circuit_open", retryable=False)
-                try:
-                    value = await self._post(session, body, deadline)
-                except _Failure as f:
-                    # Only transport-level trouble says the server is unhealthy.
-                    self._breaker.record(ok=not f.retryable, probe=probe)
-                    if not f.retryable:
-                        raise
-                    last = f
-                    continue
-                except BaseException:
-                    self._breaker.record(ok=False, probe=probe)  # never leave a probe hanging
-                    raise
-                self._breaker.record(ok=True, probe=probe)
-                return value
-        assert last is not None
-        raise last
-
-    async def _post(self, session, body: dict[str, Any], deadline: float | None) -> float:
-        import aiohttp
-
-        total = self.cfg.request_timeout_s
-        if deadline is not None:
-            total = max(0.05, min(total, deadline - time.monotonic()))
-        timeout = aiohttp.ClientTimeout(total=total, sock_connect=self.cfg.connect_timeout_s)
-        try:
-            async with session.post(self._url, json=body, timeout=timeout) as resp:
-                if resp.status != 200:
-                    detail = (await resp.text())[:200]
-                    retryable = resp.status in (408, 429) or resp.status >= 500
-                    raise _Failure(f"http_{resp.status}", retryable=retryable, detail=detail)
-                data = await resp.json(content_type=None)
-        except _Failure:
-            raise
-        except TimeoutError as err:  # aiohttp's timeouts subclass it
-            raise _Failure("timeout", retryable=True, detail=repr(err)) from err
-        except (aiohttp.ClientConnectionError, ConnectionError, OSError) as err:
-            raise _Failure("connection", retryable=True, detail=repr(err)) from err
-        except (aiohttp.ClientPayloadError, aiohttp.ContentTypeError, ValueError) as err:
-            raise _Failure("malformed", retryable=True, detail=repr(err)) from err
-        except aiohttp.ClientError as err:
-            raise _Failure("client_error", retryable=True, detail=repr(err)) from err
-        return self._parse_reply(data)
-
-    def _parse_reply(self, data: Any) -> float:
-        try:
-            choice = data["choices"][0]
-            text = choice["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as err:
-            raise _Failure("malformed", retryable=False, detail=f"reply {str(data)[:120]}") from err
-        toks = None
-        if self.cfg.score_mode == "expected":
-            content = ((choice.get("logprobs") or {}).get("content")) or []
-            toks = [(t["token"], float(t["logprob"]),
-                     [(a["token"], float(a["logprob"])) for a in t.get("top_logprobs") or []])
-                    for t in content]
-        return _score_from_reply(text, toks, self.cfg.score_mode)
 
 
 # --------------------------------------------------------------------------- in-process backend
@@ -635,7 +422,20 @@ class InProcessThinkingClient(ThinkingRewardClient):
 def make_thinking_client(cfg: ThinkingRewardConfig, engine: Any = None) -> ThinkingRewardClient:
     """The configured backend; ``engine`` (a RolloutEngine) is needed for ``in_process``."""
     if cfg.backend == "http":
+        from sophiavl_mcore.rewards.trm_http import VllmServerThinkingClient
+
         return VllmServerThinkingClient(cfg)
     if engine is None:
         raise ValueError("rewards.thinking.backend='in_process' needs a rollout engine")
     return InProcessThinkingClient(engine, cfg)
+
+
+def __getattr__(name: str) -> Any:
+    # The HTTP backend lives in trm_http.py (which imports this module); loaded on first
+    # use so that ``from sophiavl_mcore.rewards.thinking import VllmServerThinkingClient``
+    # keeps working without an import cycle or aiohttp for in-process users.
+    if name in ("VllmServerThinkingClient", "_CircuitBreaker", "_image_to_data_url"):
+        from sophiavl_mcore.rewards import trm_http
+
+        return getattr(trm_http, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

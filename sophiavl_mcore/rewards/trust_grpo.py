@@ -13,10 +13,22 @@ SophiaVL-R1 (arXiv 2505.17018) rewards response i of group g as
   γ = ``unpaired_gamma`` (default 1.0). The paper leaves this case open; 1.0 keeps the
   thinking reward at full weight, which matters most in an all-wrong group, where it is
   the only signal that separates the responses (their outcome rewards are all equal).
-- Annealing: e^(−step/T) with T = total_steps.
+- Annealing: e^(−step/T) with T = total_steps, or a fixed T (``annealing_steps``).
 
 Ablation switches: ``use_trust=False`` ⇒ γ = 1; ``use_annealing=False`` ⇒ factor 1;
 ``use_thinking=False`` ⇒ R = R^o (plain GRPO; γ and μ are still reported).
+
+Faithful modes (how the published code differs from the paper; defaults: the paper's):
+
+- ``thinking_min_outcome=θ`` (published code: 0.2): only responses with R^o ≥ θ keep
+  their thinking score; the others get R^t = 0, *counted* as 0 in μc/μw (the published
+  code sends them to the TRM not at all). With binary outcomes and θ ≤ the correct
+  threshold every wrong response then has R^t = 0, so μw = 0 ≤ μc and γ ≡ 1.
+- ``skip_uniform_groups=True`` (published code): a group whose outcomes are all ≥
+  ``skip_high`` (0.9) or all ≤ ``skip_low`` (0.1) gets no thinking reward (R = R^o);
+  its γ is still computed and reported, and :attr:`TrustGRPOResult.skipped` marks it.
+- ``correct_threshold`` (0.5): which responses count as correct for μc/μw.
+- ``annealing_steps`` (None): T of e^(−step/T); None = the run's total steps.
 """
 
 from __future__ import annotations
@@ -35,8 +47,10 @@ __all__ = [
     "TrustGRPOConfig",
     "TrustGRPOResult",
     "group_advantages",
+    "needs_thinking_score",
     "resolve_groups",
     "trust_grpo",
+    "uniform_groups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +70,11 @@ class TrustGRPOConfig:
         adv_eps: ε in (R − mean) / (std + ε).
         scale_by_std: divide by the group std (False ⇒ Dr.GRPO, R − mean).
         std_ddof: 1 = unbiased std (torch.std, as in verl/TRL), 0 = population std.
+        thinking_min_outcome: R^t is kept only where R^o ≥ this, else 0 (None = all kept;
+            published code: 0.2).
+        skip_uniform_groups: no thinking reward in groups whose outcomes are all ≥
+            ``skip_high`` or all ≤ ``skip_low`` (published code: True with 0.9 / 0.1).
+        annealing_steps: T of e^(−step/T) in optimizer steps (None = total steps).
     """
 
     alpha: float = 0.3
@@ -67,13 +86,26 @@ class TrustGRPOConfig:
     adv_eps: float = 1e-6
     scale_by_std: bool = True
     std_ddof: int = 1
+    thinking_min_outcome: float | None = None
+    skip_uniform_groups: bool = False
+    skip_high: float = 0.9
+    skip_low: float = 0.1
+    annealing_steps: int | None = None
 
     def __post_init__(self) -> None:
         check_real("alpha", self.alpha, minimum=0.0)
         check_real("correct_threshold", self.correct_threshold)
+        check_real("skip_high", self.skip_high)
+        check_real("skip_low", self.skip_low)
+        if self.thinking_min_outcome is not None:
+            check_real("thinking_min_outcome", self.thinking_min_outcome)
+        if self.annealing_steps is not None and (
+                _check_int("annealing_steps", self.annealing_steps) <= 0):
+            raise ValueError(f"annealing_steps must be > 0 or None, got {self.annealing_steps}")
         check_real("unpaired_gamma", self.unpaired_gamma, minimum=0.0)
         check_real("adv_eps", self.adv_eps, minimum=0.0)
-        for name in ("use_trust", "use_annealing", "use_thinking", "scale_by_std"):
+        for name in ("use_trust", "use_annealing", "use_thinking", "scale_by_std",
+                     "skip_uniform_groups"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.std_ddof not in (0, 1) or isinstance(self.std_ddof, bool):
@@ -91,6 +123,8 @@ class TrustGRPOResult:
         mu_wrong: f64[G] mean thinking score of scored wrong members (NaN if none).
         annealing: the factor e^(−step/T) applied (1.0 when annealing is off).
         num_groups: G.
+        skipped: bool[G] groups left without thinking reward by ``skip_uniform_groups``.
+        thinking: f64[N] the thinking scores used (after ``thinking_min_outcome``).
     """
 
     reward: np.ndarray
@@ -99,6 +133,8 @@ class TrustGRPOResult:
     mu_wrong: np.ndarray
     annealing: float
     num_groups: int
+    skipped: np.ndarray | None = None
+    thinking: np.ndarray | None = None
 
 
 def _check_int(name: str, value: object) -> int:
@@ -182,7 +218,7 @@ def trust_grpo(
         group_size: k responses per group, consecutive (ids = arange(N) // k).
         num_groups: G when ``group_ids`` is given (default max id + 1).
         step: current optimizer step (≥ 0).
-        total_steps: T, the total number of steps (> 0).
+        total_steps: the total number of steps (> 0): T unless ``config.annealing_steps``.
         config: α, threshold, switches; default :class:`TrustGRPOConfig()`.
 
     Returns:
@@ -200,6 +236,9 @@ def trust_grpo(
     ids, groups = resolve_groups(n, group_ids, group_size, num_groups)
     step = _check_int("step", step)
     total_steps = _check_int("total_steps", total_steps)
+    if cfg.thinking_min_outcome is not None:  # published code: low outcomes get R^t = 0
+        think = np.where(out >= cfg.thinking_min_outcome, think, 0.0)
+    horizon = cfg.annealing_steps if cfg.annealing_steps is not None else total_steps
     reward, gamma, mu_c, mu_w, annealing = _C.trust_grpo(
         out,
         think,
@@ -208,14 +247,42 @@ def trust_grpo(
         float(cfg.correct_threshold),
         float(cfg.alpha),
         step,
-        total_steps,
+        horizon,
         cfg.use_trust,
         cfg.use_annealing,
         cfg.use_thinking,
         float(cfg.unpaired_gamma),
     )
-    logger.debug("trust_grpo: N=%d G=%d annealing=%.4g", n, groups, annealing)
-    return TrustGRPOResult(reward, gamma, mu_c, mu_w, float(annealing), groups)
+    skipped = np.zeros(groups, dtype=bool)
+    if cfg.skip_uniform_groups and n:
+        skipped = uniform_groups(out, ids, groups, cfg.skip_low, cfg.skip_high)
+        members = skipped[ids]
+        reward = np.where(members, out, reward)
+    logger.debug("trust_grpo: N=%d G=%d annealing=%.4g skipped=%d", n, groups, annealing,
+                 int(skipped.sum()))
+    return TrustGRPOResult(reward, gamma, mu_c, mu_w, float(annealing), groups, skipped, think)
+
+
+def uniform_groups(outcome: np.ndarray, group_ids: np.ndarray, num_groups: int, low: float,
+                   high: float) -> np.ndarray:
+    """bool[G]: groups whose outcomes f64[N] are all ≥ ``high`` or all ≤ ``low`` (a group
+    without members is neither)."""
+    size = np.bincount(group_ids, minlength=num_groups)
+    high_n = np.bincount(group_ids, weights=outcome >= high, minlength=num_groups)
+    low_n = np.bincount(group_ids, weights=outcome <= low, minlength=num_groups)
+    return (size > 0) & ((high_n == size) | (low_n == size))
+
+
+def needs_thinking_score(outcome: ArrayLike, well_formed: ArrayLike,
+                         config: TrustGRPOConfig | None = None) -> np.ndarray:
+    """bool[N]: the responses worth sending to the TRM — well-formed (there is a
+    ``<think>`` block to grade) and R^o ≥ ``thinking_min_outcome`` when that is set
+    (:func:`trust_grpo` gives the others 0 without a TRM call)."""
+    cfg = config if config is not None else TrustGRPOConfig()
+    mask = np.asarray(well_formed, dtype=bool).copy()
+    if cfg.thinking_min_outcome is not None:
+        mask &= np.asarray(outcome, dtype=np.float64) >= cfg.thinking_min_outcome
+    return mask
 
 
 def group_advantages(

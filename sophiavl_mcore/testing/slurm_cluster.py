@@ -1,22 +1,29 @@
-"""A real one-node Slurm cluster in a temporary directory (tests of the sbatch template).
+"""A real Slurm cluster of one or more nodes in a temporary directory (tests of the sbatch
+template).
 
-Three daemons from the Debian packages (``munge``, ``slurmctld``, ``slurmd``), each in
-the foreground as our own child process, with every path they write (munge key, socket,
-state, spool, logs, pid files) under one directory. Clients (``sbatch``, ``scontrol``,
-``squeue``, ``srun`` inside jobs) find the cluster through ``SLURM_CONF``; the munge
+Daemons from the Debian packages (``munge``, ``slurmctld``, one ``slurmd`` per node), each
+in the foreground as our own child process, with every path they write (munge key,
+socket, state, spool, logs, pid files) under one directory. Several nodes are emulated
+on this one host: one ``slurmd -N <node>`` per ``NodeName`` line, each with
+``NodeAddr=127.0.0.1``, its own ``Port`` and its own spool, pid and log files (``%n`` in
+the paths); every node advertises the host's CPUs, so together they oversubscribe it
+(``SlurmdParameters=config_overrides``). Clients (``sbatch``, ``scontrol``, ``squeue``,
+``srun`` inside jobs) find the cluster through ``SLURM_CONF``; the munge
 socket is in ``slurm.conf`` (``AuthInfo=socket=…``), which clients read too, so nothing
 under ``/etc`` or ``/run`` is touched and several clusters can coexist on one machine.
 
 There is no ``slurmdbd``, so ``sacct`` has nothing to report: job state comes from
 ``scontrol show job`` (completed jobs stay visible for ``MinJobAge`` seconds).
 
-    with SlurmCluster(tmp_dir) as cluster:
-        job = cluster.submit(script, env={...}, args=["--nodes=1"])
+    with SlurmCluster(tmp_dir, nodes=2) as cluster:
+        job = cluster.submit(script, env={...}, args=["--nodes=2"])
         info = cluster.wait(job, {"COMPLETED", "FAILED"}, timeout_s=600)
 
 Daemons are stopped by the process ids we started (SIGTERM, then SIGKILL after a
 grace period); jobs still known to the controller are cancelled first and waited for,
-so that no ``slurmstepd`` or training process outlives the cluster.
+so that no ``slurmstepd`` or training process outlives the cluster, and any process that
+still carries this cluster's ``SLURM_CONF`` in its environment afterwards (a job process
+the daemons lost track of) is stopped by its pid too.
 """
 
 from __future__ import annotations
@@ -85,18 +92,24 @@ def _parse_record(line: str) -> dict[str, str]:
 
 
 class SlurmCluster:
-    """One controller + one compute node (this machine) + munge, under ``root``.
+    """One controller + ``nodes`` compute nodes (all on this machine) + munge, under ``root``.
 
-    ``cpus``: CPUs the node advertises (default: the CPUs this process may use).
+    ``nodes``: 1 (default) is one node named after this host; more are ``node0``,
+    ``node1``, … (one slurmd each).
+    ``cpus``: CPUs each node advertises (default: the CPUs this process may use).
     ``kill_wait_s``: seconds between SIGTERM and SIGKILL when a job is cancelled or
     requeued: the trainer's preemption checkpoint must fit in it.
     """
 
-    def __init__(self, root: str | Path, cpus: int | None = None, kill_wait_s: int = 60) -> None:
+    def __init__(self, root: str | Path, cpus: int | None = None, kill_wait_s: int = 60,
+                 nodes: int = 1) -> None:
+        if nodes < 1:
+            raise ValueError(f"nodes={nodes} must be >= 1")
         self.root = Path(root).resolve()
         self.cpus = cpus or len(os.sched_getaffinity(0))
         self.kill_wait_s = kill_wait_s
-        self.node = socket.gethostname().split(".")[0]
+        self.node = socket.gethostname().split(".")[0]  # the controller's host
+        self.node_names = [self.node] if nodes == 1 else [f"node{i}" for i in range(nodes)]
         self._owned_dirs: list[Path] = []
         self.conf_path = self.root / "slurm.conf"
         # A unix socket path has at most 107 bytes: fall back to a short directory.
@@ -131,11 +144,12 @@ class SlurmCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool'}",
+            # %n: the node's name, so that the slurmds of emulated nodes do not collide.
+            f"SlurmdSpoolDir={r / 'spool' / '%n'}",
             f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}",
-            f"SlurmdPidFile={r / 'run' / 'slurmd.pid'}",
+            f"SlurmdPidFile={r / 'run' / 'slurmd.%n.pid'}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
+            f"SlurmdLogFile={r / 'log' / 'slurmd.%n.log'}",
             f"PlugStackConfig={r / 'plugstack.conf'}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
@@ -151,17 +165,30 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "ReturnToService=2",
+            # The configured CPUs/memory count, not what each slurmd finds on the host:
+            # emulated nodes share (and oversubscribe) this machine.
+            "SlurmdParameters=config_overrides",
             # The trainer finishes its step and saves between SIGTERM and SIGKILL.
             f"KillWait={self.kill_wait_s}",
             # Finished jobs stay visible to `scontrol show job` (there is no slurmdbd).
             "MinJobAge=3600",
             "InactiveLimit=0",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 NodeHostname={self.node} "
-            f"CPUs={self.cpus} RealMemory={_node_memory_mb()} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+            *self._node_lines(),
+            f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES "
+            "MaxTime=INFINITE State=UP",
         ]
         self.conf_path.write_text("\n".join(lines) + "\n")
         return self.conf_path
+
+    def _node_lines(self) -> list[str]:
+        """One ``NodeName`` line per node; emulated nodes get their own slurmd port."""
+        mem = _node_memory_mb()
+        lines = []
+        for name in self.node_names:
+            port = f" Port={free_port()}" if len(self.node_names) > 1 else ""
+            lines.append(f"NodeName={name} NodeAddr=127.0.0.1 NodeHostname={self.node} "
+                         f"CPUs={self.cpus} RealMemory={mem} State=UNKNOWN{port}")
+        return lines
 
     def _spawn(self, name: str, cmd: Sequence[str]) -> subprocess.Popen:
         log = open(self.root / "log" / f"{name}.out", "ab")  # noqa: SIM115 - child owns it
@@ -191,7 +218,8 @@ class SlurmCluster:
         self._wait_for(lambda: self.munge_socket.exists(), 30, "munged socket")
 
     def start(self, timeout_s: float = 120.0) -> SlurmCluster:
-        """Write the config, start munged, slurmctld, slurmd; wait for an idle node."""
+        """Write the config, start munged, slurmctld, a slurmd per node; wait until every
+        node is idle."""
         missing = missing_binaries()
         if missing:
             raise SlurmError(f"Slurm/munge binaries not found: {', '.join(missing)}")
@@ -202,13 +230,15 @@ class SlurmCluster:
             conf = str(self.conf_path)
             self._spawn("slurmctld", [which("slurmctld"), "-D", "-i", "-f", conf])
             self._wait_for(lambda: self._scontrol_ok("ping"), timeout_s, "slurmctld")
-            self._spawn("slurmd", [which("slurmd"), "-D", "-f", conf, "-N", self.node])
-            self._wait_for(self._node_idle, timeout_s, f"node {self.node} idle")
+            for node in self.node_names:
+                name = "slurmd" if len(self.node_names) == 1 else f"slurmd-{node}"
+                self._spawn(name, [which("slurmd"), "-D", "-f", conf, "-N", node])
+            self._wait_for(self._nodes_idle, timeout_s, f"nodes {self.node_names} idle")
         except BaseException:
             self.stop()
             raise
-        logger.info("slurm cluster up under %s (node %s, %d CPUs)", self.root, self.node,
-                    self.cpus)
+        logger.info("slurm cluster up under %s (nodes %s, %d CPUs each)", self.root,
+                    ",".join(self.node_names), self.cpus)
         return self
 
     def _wait_for(self, ready, timeout_s: float, what: str) -> None:
@@ -228,12 +258,20 @@ class SlurmCluster:
         return subprocess.run([which("scontrol"), *args], env=self.env,
                               capture_output=True).returncode == 0
 
-    def _node_idle(self, exact: bool = False) -> bool:
-        """IDLE in the node's state (``exact``: nothing else, e.g. not IDLE+COMPLETING)."""
-        res = subprocess.run([which("scontrol"), "show", "node", self.node, "-o"],
+    def node_states(self) -> dict[str, str]:
+        """Each node's state (``IDLE``, ``ALLOCATED``, ``IDLE+COMPLETING``, …)."""
+        res = subprocess.run([which("scontrol"), "show", "node", "-o"],
                              env=self.env, capture_output=True, text=True)
-        state = _parse_record(res.stdout).get("State", "") if res.returncode == 0 else ""
-        return state == "IDLE" if exact else "IDLE" in state
+        if res.returncode != 0:
+            return {}
+        records = (_parse_record(line) for line in res.stdout.splitlines() if line.strip())
+        return {r["NodeName"]: r.get("State", "") for r in records if "NodeName" in r}
+
+    def _nodes_idle(self, exact: bool = False) -> bool:
+        """IDLE in every node's state (``exact``: nothing else, e.g. not IDLE+COMPLETING)."""
+        states = self.node_states()
+        return all((states.get(n) == "IDLE") if exact else ("IDLE" in states.get(n, ""))
+                   for n in self.node_names)
 
     def daemon_logs(self, tail_lines: int = 30) -> str:
         """Last lines of each daemon's log (for failure messages)."""
@@ -301,21 +339,27 @@ class SlurmCluster:
         if release:
             self.release(job_id)
 
-    def release(self, job_id: int, timeout_s: float | None = None) -> None:
-        """Wait until a requeued job is PENDING again (its old run has finished), then
-        make it eligible now instead of after Slurm's two-minute requeue delay."""
+    def wait_requeued(self, job_id: int, timeout_s: float | None = None) -> None:
+        """Wait until a requeued job is PENDING again and every node has finished its old
+        run (the run's files are final; the job is still held by its EligibleTime)."""
         deadline = time.monotonic() + (timeout_s or self.kill_wait_s + 120)
         while (state := self.job_state(job_id)) != "PENDING":  # COMPLETING the old run
             if state in TERMINAL_STATES or time.monotonic() > deadline:
                 raise SlurmError(f"job {job_id} is {state}, not PENDING for a restart")
             time.sleep(1.0)
+        while not self._nodes_idle(exact=True):
+            if time.monotonic() > deadline:
+                raise SlurmError(f"nodes still busy with job {job_id}'s old run: "
+                                 f"{self.node_states()}")
+            time.sleep(0.5)
+
+    def release(self, job_id: int, timeout_s: float | None = None) -> None:
+        """Wait until a requeued job is PENDING again (its old run has finished), then
+        make it eligible now instead of after Slurm's two-minute requeue delay."""
+        self.wait_requeued(job_id, timeout_s)
         # slurmd refuses to launch a job whose new credential is not newer, at one-second
         # resolution, than the revocation of its previous run ("Job credential revoked"):
-        # wait until the node has finished that run, then let the clock pass it.
-        while not self._node_idle(exact=True):
-            if time.monotonic() > deadline:
-                raise SlurmError(f"node {self.node} still busy with job {job_id}'s old run")
-            time.sleep(0.5)
+        # the nodes have finished that run (above); let the clock pass it.
         time.sleep(2.0)
         self.run_client("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
@@ -336,9 +380,11 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ teardown
 
-    def stop(self, grace_s: float = 20.0) -> None:
-        """Cancel jobs, then stop slurmd, slurmctld, munged (reverse start order) by
-        the process ids we started: SIGTERM, then SIGKILL after ``grace_s``."""
+    def stop(self, grace_s: float = 20.0) -> list[int]:
+        """Cancel jobs, then stop the slurmds, slurmctld, munged (reverse start order) by
+        the process ids we started: SIGTERM, then SIGKILL after ``grace_s``. Returns the
+        pids of processes that outlived that (:meth:`stray_pids`), which are then
+        stopped the same way: empty after a clean shutdown."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             try:
                 self.cancel_all()
@@ -356,9 +402,47 @@ class SlurmCluster:
                     proc.wait()
             logger.info("stopped %s pid=%d (rc=%s)", name, proc.pid, proc.returncode)
         self.procs.clear()
+        strays = self.stray_pids()
+        self._stop_strays(grace_s)
         for d in self._owned_dirs:
             shutil.rmtree(d, ignore_errors=True)
         self._owned_dirs.clear()
+        return strays
+
+    def stray_pids(self) -> list[int]:
+        """Processes (other than this one) whose environment names this cluster's
+        ``SLURM_CONF``: the daemons and everything they started (slurmstepd, batch
+        shells, srun, torchrun, ranks), including what escaped Slurm's process tracking
+        (``proctrack/linuxproc`` follows parent pids). Empty once the cluster is stopped
+        cleanly."""
+        marker = f"SLURM_CONF={self.conf_path}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:  # gone, or not ours to read
+                continue
+            if marker in environ.split(b"\0"):
+                pids.append(int(entry.name))
+        return pids
+
+    def _stop_strays(self, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL, whatever :meth:`stray_pids` still finds (by pid)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.stray_pids()
+            if not pids:
+                return
+            logger.warning("%s to processes left behind by the cluster: %s", sig.name, pids)
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            while self.stray_pids() and time.monotonic() < deadline:
+                time.sleep(0.5)
 
     def __enter__(self) -> SlurmCluster:
         return self.start()

@@ -27,6 +27,13 @@ removed by the next save / :meth:`CheckpointManager.load_latest`. ``latest`` is 
 convenience pointer: loading trusts only directories that carry ``COMPLETE``. The root
 must be on a filesystem every rank sees (one shared directory across nodes).
 
+Untrusted bytes: the rank state loads with ``torch.load(weights_only=True)``, and module
+extra states (Transformer Engine's FP8 state, which TE's ``set_extra_state`` unpickles)
+reach the modules only after :func:`sophiavl_mcore.checkpoint.extra_state.sanitize_extra_states`
+has decoded them with a restricted unpickler (tensors and plain data) and re-encoded them;
+anything else is refused with an error naming the tensor. Exports and conversions check
+the manifest before reading (``checkpoint.manifest.verify_dir``).
+
 Resume is exact: with the same layout, the next training step after
 :meth:`CheckpointManager.load_latest` is bit-identical to the one an uninterrupted run
 would take (weights, Adam moments and step counts, LR schedule position, python / numpy /
@@ -48,38 +55,59 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import shutil
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from sophiavl_mcore.checkpoint import CheckpointError
+from sophiavl_mcore.checkpoint.convert import conversion_meta
+from sophiavl_mcore.checkpoint.extra_state import sanitize_extra_states
+from sophiavl_mcore.checkpoint.manifest import (
+    COMPLETE,
+    MANIFEST,
+    TRAIN_FORMAT,
+    CheckpointCorruptError,
+    check_files,
+    read_training_manifest,
+)
+from sophiavl_mcore.checkpoint.manifest import sha256_file as _sha256
+from sophiavl_mcore.trainer.checkpoint_layout import (
+    RankLayout,
+    _all_gather,
+    _barrier,
+    _broadcast,
+    current_layout,
+)
+from sophiavl_mcore.trainer.train_state import (
+    _dict_diff,
+    _json_default,
+    _load_optimizer_state,
+    _model_config,
+    _optimizer_state,
+    capture_rng_state,
+    restore_rng_state,
+)
 
 logger = logging.getLogger(__name__)
 
-TRAIN_FORMAT = "sophiavl_mcore/training-checkpoint"
-MANIFEST = "manifest.json"
-COMPLETE = "COMPLETE"
+__all__ = [
+    "COMPLETE", "LATEST", "MANIFEST", "TRAINER_STATE", "TRAIN_FORMAT", "CheckpointConfig",
+    "CheckpointCorruptError", "CheckpointManager", "LoadedCheckpoint", "RankLayout",
+    "capture_rng_state", "conversion_meta", "current_layout", "restore_rng_state",
+]
+
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _STALE_RE = re.compile(r"^step_\d{8}\.(tmp|old)-[0-9a-f]+$")
-_HASH_CHUNK = 8 * 2**20
-
-
-class CheckpointCorruptError(CheckpointError):
-    """A checkpoint file is missing or differs from its manifest (names the file)."""
 
 
 @dataclasses.dataclass
@@ -122,48 +150,6 @@ class CheckpointConfig:
             raise ValueError("checkpoint: " + "; ".join(errors))
 
 
-@dataclasses.dataclass(frozen=True)
-class RankLayout:
-    """Where this process sits in the TP × PP × DP grid (all 1/0 without distributed)."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    rank: int = 0
-    world_size: int = 1
-    tp_rank: int = 0
-    pp_rank: int = 0
-    dp_rank: int = 0
-
-    def sizes(self) -> dict[str, int]:
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "world_size": self.world_size}
-
-    @staticmethod
-    def describe(sizes: Mapping[str, int]) -> str:
-        return (f"tp={sizes.get('tp')} pp={sizes.get('pp')} dp={sizes.get('dp')} "
-                f"(world_size={sizes.get('world_size')})")
-
-
-def current_layout() -> RankLayout:
-    """The layout from Megatron ``parallel_state`` (or plain torch.distributed, or none)."""
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if dist else 0
-    world = torch.distributed.get_world_size() if dist else 1
-    # Only a process that imported Megatron can have its parallel state (importing it
-    # here would cost seconds for plain-torch users).
-    ps = sys.modules.get("megatron.core.parallel_state")
-    if ps is not None and ps.model_parallel_is_initialized():
-        return RankLayout(
-            tp=ps.get_tensor_model_parallel_world_size(),
-            pp=ps.get_pipeline_model_parallel_world_size(),
-            dp=ps.get_data_parallel_world_size(), rank=rank, world_size=world,
-            tp_rank=ps.get_tensor_model_parallel_rank(),
-            pp_rank=ps.get_pipeline_model_parallel_rank(),
-            dp_rank=ps.get_data_parallel_rank(),
-        )
-    return RankLayout(dp=world, rank=rank, world_size=world, dp_rank=rank)
-
-
 @dataclasses.dataclass
 class LoadedCheckpoint:
     """What :meth:`CheckpointManager.load_latest` restored.
@@ -175,36 +161,6 @@ class LoadedCheckpoint:
     step: int
     path: Path
     extra_state: dict[str, Any]
-
-
-# ------------------------------------------------------------------ collectives
-
-
-def _world() -> int:
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_world_size() if dist else 1
-
-
-def _barrier() -> None:
-    if _world() > 1:
-        torch.distributed.barrier()
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if _world() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if _world() == 1:
-        return [obj]
-    out: list[Any] = [None] * _world()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 # ------------------------------------------------------------------ filesystem
@@ -219,14 +175,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` so that readers see the old or the new content."""
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
@@ -236,16 +184,6 @@ def _atomic_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_path(path.parent)
-
-
-def _json_default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic | np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} {value!r:.80} is not JSON-serialisable")
 
 
 def _step_dirs(root: Path) -> dict[int, Path]:
@@ -263,54 +201,6 @@ def _remove_stale(root: Path) -> list[str]:
         logger.warning("removed %d interrupted checkpoint dir(s) in %s: %s", len(removed), root,
                        removed)
     return removed
-
-
-# ------------------------------------------------------------------ RNG
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU (+ every CUDA device) generators and Megatron's tracker."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    tracker = _megatron_rng_tracker()
-    if tracker is not None:
-        state["megatron_tracker"] = tracker.get_states()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "megatron_tracker" in state:
-        tracker = _megatron_rng_tracker()
-        if tracker is None:
-            raise CheckpointError("the checkpoint holds Megatron RNG tracker states but this "
-                                  "process has no initialised tracker (initialize_parallel first)")
-        tracker.set_states({k: v.clone() for k, v in state["megatron_tracker"].items()})
-
-
-def _megatron_rng_tracker() -> Any:
-    mrandom = sys.modules.get("megatron.core.tensor_parallel.random")
-    if mrandom is None:
-        return None
-    tracker = getattr(mrandom, "_CUDA_RNG_STATE_TRACKER", None)
-    if getattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False) and tracker is not None \
-            and tracker.is_initialized():
-        return tracker
-    return None
 
 
 # ------------------------------------------------------------------ models / optimizer
@@ -356,97 +246,16 @@ def _write_tensors(module: torch.nn.Module, path: Path) -> dict[str, Any]:
     return extra
 
 
-def _read_tensors(module: torch.nn.Module, path: Path, extra: Mapping[str, Any]) -> None:
-    """Copy a shard into ``module`` in place (optimizer references stay valid)."""
+def _read_tensors(module: torch.nn.Module, path: Path, extra: Mapping[str, Any],
+                  extra_from: Path) -> None:
+    """Copy a shard into ``module`` in place (optimizer references stay valid); extra
+    states (saved in ``extra_from``) only through the restricted decoder."""
     from sophiavl_mcore.checkpoint.convert import copy_shard_into
 
     own, _ = _split_state(module)
     copy_shard_into(own, path)
     if extra:
-        module.load_state_dict(dict(extra), strict=False)
-
-
-def _inner_optimizers(optimizer: Any) -> list[Any]:
-    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
-
-
-def _is_distributed_optimizer(opt: Any) -> bool:
-    return hasattr(opt, "get_parameter_state_dp_reshardable")
-
-
-def _optimizer_state(optimizer: Any) -> list[dict[str, Any]]:
-    out = []
-    for opt in _inner_optimizers(optimizer):
-        entry = {"state_dict": opt.state_dict()}
-        if _is_distributed_optimizer(opt):
-            entry["param_state"] = opt.get_parameter_state_dp_reshardable()
-        out.append(entry)
-    return out
-
-
-def _load_optimizer_state(optimizer: Any, saved: list[dict[str, Any]], where: Path) -> None:
-    inner = _inner_optimizers(optimizer)
-    if len(inner) != len(saved):
-        raise CheckpointError(f"{where}: holds {len(saved)} optimizer(s), this run has {len(inner)}")
-    for opt, entry in zip(inner, saved, strict=True):
-        opt.load_state_dict(entry["state_dict"])
-        if "param_state" in entry:
-            state = entry["param_state"]
-            for key, per_dtype in state.items():
-                if isinstance(key, int):  # buffers → dtype → buckets → params
-                    for buckets in per_dtype.values():
-                        for bucket in buckets:
-                            for elem in bucket:
-                                elem.setdefault("padding", False)
-            opt.load_parameter_state_from_dp_reshardable(state)
-
-
-def _model_config(models: Mapping[str, torch.nn.Module], model_meta: Mapping[str, Any] | None
-                  ) -> dict[str, Any]:
-    """What must match between the saving and the loading run (beside the layout)."""
-    cfg: dict[str, Any] = {}
-    if model_meta is not None and "hf_config" in model_meta:
-        cfg["hf_config"] = model_meta["hf_config"]
-    for name, m in models.items():
-        tc = getattr(m, "config", None)
-        fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                  "num_query_groups", "kv_channels", "params_dtype")
-        if tc is not None and all(hasattr(tc, f) for f in fields):
-            cfg[name] = {f: str(getattr(tc, f)) for f in fields}
-    return json.loads(json.dumps(cfg, default=_json_default))
-
-
-def _dict_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += _dict_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: checkpoint {va!r} vs this run {vb!r}")
-    return out
-
-
-def conversion_meta(hf_dir: str | Path, tp: int, pp: int, *, layers_per_stage: list[int] | None = None,
-                    te: bool = False, vocab_divisible_by: int = 1, dtype: str = "float32",
-                    hf_prefix: str | None = None) -> dict[str, Any]:
-    """The ``mcore_checkpoint.json`` content for a model built from ``hf_dir`` at tp × pp.
-
-    Pass it as ``CheckpointManager(model_meta=...)`` so that every checkpoint is also a
-    valid Megatron checkpoint for :func:`sophiavl_mcore.checkpoint.convert_mcore_to_hf`.
-    """
-    from sophiavl_mcore.checkpoint import FORMAT, build_plan, default_hf_prefix, open_hf_dir
-    from sophiavl_mcore.models.hf_config import load_config_json, read_lm_dims
-
-    cfg = load_config_json(hf_dir)
-    if hf_prefix is None:
-        hf_prefix = default_hf_prefix(cfg, open_hf_dir(hf_dir).names())
-    plan = build_plan(read_lm_dims(cfg), tp, pp, layers_per_stage=layers_per_stage, te=te,
-                      hf_prefix=hf_prefix, vocab_divisible_by=vocab_divisible_by, config_json=cfg)
-    return {"format": FORMAT, "version": 1, "tp": tp, "pp": pp,
-            "layers_per_stage": plan.layers_per_stage, "te": te, "hf_prefix": hf_prefix,
-            "vocab_divisible_by": vocab_divisible_by, "vocab_padded": plan.vocab_padded,
-            "dtype": dtype, "hf_config": cfg}
+        module.load_state_dict(sanitize_extra_states(extra, str(extra_from)), strict=False)
 
 
 # ------------------------------------------------------------------ the manager
@@ -664,22 +473,7 @@ class CheckpointManager:
     # -- load ----------------------------------------------------------------------------
 
     def _read_manifest(self, path: Path) -> dict[str, Any]:
-        marker, manifest_path = path / COMPLETE, path / MANIFEST
-        if not manifest_path.is_file():
-            raise CheckpointCorruptError(f"{manifest_path} is missing")
-        try:
-            recorded = json.loads(marker.read_text())["manifest_sha256"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointCorruptError(f"{marker} is unreadable: {err!r}") from err
-        digest = _sha256(manifest_path)
-        if recorded != digest:
-            raise CheckpointCorruptError(f"{manifest_path} is corrupted: sha256 {digest}, {marker} "
-                                         f"records {recorded}")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != TRAIN_FORMAT:
-            raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, "
-                                  f"expected {TRAIN_FORMAT!r}")
-        return manifest
+        return read_training_manifest(path)
 
     def _check_compatible(self, path: Path, manifest: Mapping[str, Any], layout: RankLayout,
                           named: dict[str, torch.nn.Module]) -> None:
@@ -701,18 +495,9 @@ class CheckpointManager:
                 ) -> list[str]:
         """Problems with this rank's files (rank 0: every file's presence and size too)."""
         files = manifest["files"]
-        problems = []
-        for rel in files if rank == 0 else mine:
-            p, want = path / rel, files.get(rel)
-            if want is None:
-                problems.append(f"{p} is not listed in {path / MANIFEST}")
-            elif not p.is_file():
-                problems.append(f"{p} is missing")
-            elif p.stat().st_size != want["size"]:
-                problems.append(f"{p} has {p.stat().st_size} bytes, the manifest records "
-                                f"{want['size']}")
-            elif rel in mine and "sha256" in want and _sha256(p) != want["sha256"]:
-                problems.append(f"{p} is corrupted (sha256 differs from the manifest)")
+        problems = check_files(path, files, mine)
+        if rank == 0:
+            problems += check_files(path, files, [f for f in files if f not in mine], sha256=False)
         return problems
 
     def load(self, path: str | Path, models: torch.nn.Module | Mapping[str, torch.nn.Module],
@@ -733,7 +518,7 @@ class CheckpointManager:
         state = torch.load(path / _rank_state_name(layout), map_location="cpu", weights_only=True)
         for name, module in named.items():
             _read_tensors(module, path / mine[list(named).index(name)],
-                          state["model_extra_state"].get(name, {}))
+                          state["model_extra_state"].get(name, {}), path / _rank_state_name(layout))
         if optimizer is not None:
             if state["optimizer"] is None:
                 raise CheckpointError(f"{path / _rank_state_name(layout)} holds no optimizer state")

@@ -1,7 +1,11 @@
 """Export a policy in Hugging Face format: from a training checkpoint directory (one
 process) or from the live, sharded model (collective). Both go through the offline
 converter (:func:`sophiavl_mcore.checkpoint.convert_mcore_to_hf`) into a temp directory
-that is renamed into place, so a reader never sees a half-written export."""
+that is renamed into place, so a reader never sees a half-written export.
+
+A checkpoint directory is checked against its manifest (every file's size and sha256,
+``COMPLETE``'s seal on the manifest) before anything is read; the export carries
+``checksums.json`` (size + sha256 of each of its files) for the next reader."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 
 from sophiavl_mcore.checkpoint import CheckpointError
+from sophiavl_mcore.checkpoint.convert import verify_mcore_dir
 from sophiavl_mcore.trainer.checkpointing import (
     _barrier,
     _broadcast,
@@ -27,25 +32,16 @@ from sophiavl_mcore.trainer.checkpointing import (
 )
 
 
-def _copy_serving_files(source_hf_dir: str | Path | None, out: Path) -> None:
-    from sophiavl_mcore.trainer.sft import SERVING_FILES
-
-    if source_hf_dir is None:
-        return
-    for name in SERVING_FILES:
-        src = Path(source_hf_dir) / name
-        if src.is_file():
-            shutil.copy2(src, out / name)
-
-
-def _convert_into(mcore_dir: Path, out_dir: Path, source_hf_dir: str | Path | None) -> None:
-    """convert_mcore_to_hf into a temp dir + serving files, then rename into place."""
+def _convert_into(mcore_dir: Path, out_dir: Path, source_hf_dir: str | Path | None,
+                  verify: bool) -> None:
+    """convert_mcore_to_hf (+ serving files, checksums.json) into a temp dir, then rename
+    into place."""
     from sophiavl_mcore.checkpoint import convert_mcore_to_hf
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
     try:
-        convert_mcore_to_hf(mcore_dir, tmp, progress=False)
-        _copy_serving_files(source_hf_dir, tmp)
+        convert_mcore_to_hf(mcore_dir, tmp, progress=False, verify=verify,
+                            serving_files_from=source_hf_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
@@ -60,7 +56,9 @@ def export_hf(source: str | Path | torch.nn.Module, out_dir: str | Path, *,
 
     Args:
         source: a checkpoint directory (``step_XXXXXXXX``; a root means its newest
-            complete checkpoint) — call on one process; or this rank's live model —
+            complete checkpoint; verified against its manifest first, a damaged file
+            raises ``CheckpointCorruptError`` naming it) — call on one process; or this
+            rank's live model —
             collective, every rank calls it, each DP-rank-0 writes its shard, rank 0
             merges the shards.
         out_dir: the HF directory to create (replaced if it exists; written via a temp
@@ -85,7 +83,8 @@ def export_hf(source: str | Path | torch.nn.Module, out_dir: str | Path, *,
                 f"{src / META_FILE} is missing: the checkpoint was saved without model_meta "
                 "(pass CheckpointManager(model_meta=conversion_meta(...)))")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _convert_into(src, out_dir, source_hf_dir)
+        verify_mcore_dir(src, require=True)  # before the meta is trusted or a shard is read
+        _convert_into(src, out_dir, source_hf_dir, verify=False)
         return out_dir
     if model_meta is None:
         raise ValueError("export_hf of a live model needs model_meta (see conversion_meta)")
@@ -101,8 +100,8 @@ def export_hf(source: str | Path | torch.nn.Module, out_dir: str | Path, *,
         if layout.rank == 0:
             (staging / META_FILE).write_text(json.dumps(dict(model_meta), indent=1))
         _barrier()
-        if layout.rank == 0:
-            _convert_into(staging, out_dir, source_hf_dir)
+        if layout.rank == 0:  # files this job wrote a moment ago: nothing to verify
+            _convert_into(staging, out_dir, source_hf_dir, verify=False)
         _barrier()
     finally:
         if layout.rank == 0:

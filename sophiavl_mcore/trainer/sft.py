@@ -337,27 +337,19 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, info: Any,
     }
 
 
-# Files besides the weights that ``vllm serve`` needs to serve an exported checkpoint.
-SERVING_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja",
-    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
-    "generation_config.json",
-)
-
-
 def save_and_export(model: torch.nn.Module, info: Any, meta: dict[str, Any], out_dir: str | Path,
                     source_hf_dir: str | Path | None = None) -> tuple[Path, Path | None]:
     """Save this rank's Megatron shard to ``out_dir/mcore``; rank 0 then exports HF.
 
-    Every rank must call it (it synchronises). The HF export (``out_dir/hf``) is merged
-    from the saved shards by :func:`sophiavl_mcore.checkpoint.convert_mcore_to_hf`, and
-    the tokenizer / processor / generation files are copied from ``source_hf_dir`` so
-    that ``vllm serve out_dir/hf`` works. Returns ``(mcore_dir, hf_dir or None)``.
+    Every rank must call it (it synchronises). Rank 0 writes ``checksums.json`` over
+    the saved shards; the HF export (``out_dir/hf``) is merged from them by
+    :func:`sophiavl_mcore.checkpoint.convert_mcore_to_hf` with the tokenizer /
+    processor / generation files copied from ``source_hf_dir`` (so that ``vllm serve
+    out_dir/hf`` works) and its own ``checksums.json``. Returns ``(mcore_dir, hf_dir or
+    None)``.
     """
-    import shutil
-
     from sophiavl_mcore.checkpoint import convert_mcore_to_hf, save_mcore_shard
+    from sophiavl_mcore.checkpoint.manifest import write_checksums
 
     out = Path(out_dir)
     mcore_dir, hf_dir = out / "mcore", out / "hf"
@@ -369,12 +361,10 @@ def save_and_export(model: torch.nn.Module, info: Any, meta: dict[str, Any], out
     if info.rank != 0:
         torch.distributed.barrier()
         return mcore_dir, None
-    convert_mcore_to_hf(mcore_dir, hf_dir, progress=False)
-    if source_hf_dir is not None:
-        for name in SERVING_FILES:
-            src = Path(source_hf_dir) / name
-            if src.is_file():
-                shutil.copy2(src, hf_dir / name)
+    write_checksums(mcore_dir)
+    # The shards were written a moment ago by this job: converted without re-hashing.
+    convert_mcore_to_hf(mcore_dir, hf_dir, progress=False, verify=False,
+                        serving_files_from=source_hf_dir)
     torch.distributed.barrier()
     logger.info("saved Megatron shards to %s and the HF export to %s", mcore_dir, hf_dir)
     return mcore_dir, hf_dir

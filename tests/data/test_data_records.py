@@ -71,7 +71,7 @@ def test_default_image_root_and_source(tmp_path):
 )
 def test_schema_errors_name_file_record_field(tmp_path, override, field, expected):
     path = write_records(tmp_path / "bad.jsonl", [raw(0), raw(1), raw(2, **override)])
-    with pytest.raises((RecordError, ProblemTypeError)) as err:
+    with pytest.raises(RecordError) as err:  # ProblemTypeError is a RecordError
         load_records(path)
     msg = str(err.value)
     assert str(path) in msg and ":3" in msg, msg  # line 3 of the JSONL file
@@ -103,6 +103,70 @@ def test_missing_field_and_bad_files(tmp_path):
         load_records(tmp_path / "x.csv")
     with pytest.raises(RecordError, match="appears twice"):
         load_records(write_records(tmp_path / "dup.jsonl", [raw(1), raw(1)]))
+
+
+# ------------------------------------------------------------------ issue 17: encodings, ids
+# Before the fix (records.py at c4a9202): bad UTF-8 raised a bare UnicodeDecodeError, a
+# byte-order mark failed as "not valid JSON", duplicate ids were named by record index
+# without saying that 7 and "7" collide, and ProblemTypeError was no RecordError.
+
+
+def _jsonl_bytes(records) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    lines = _jsonl_bytes([raw(0), raw(1)]).splitlines(keepends=True)
+    bad = lines[1].replace(b"picture", b"pict\xffure")
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(lines[0] + bad)
+    with pytest.raises(RecordError, match=rf"{path}:2: not valid UTF-8 \(byte 0xff at column \d+\)"):
+        load_records(path)
+    whole = tmp_path / "latin.json"
+    whole.write_bytes(b"[\n" + json.dumps(raw(0)).encode() + b",\n" + json.dumps(raw(1)).encode()
+                      .replace(b"picture", b"pict\xe9ure") + b"\n]")
+    with pytest.raises(RecordError, match=rf"{whole}:3: not valid UTF-8 \(byte 0xe9"):
+        load_records(whole)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_byte_order_mark_is_read(tmp_path, suffix):
+    plain = write_records(tmp_path / f"plain{suffix}", [raw(0), raw(1, problem="Größe?")])
+    bom = tmp_path / f"bom{suffix}"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    got = load_records(bom, name="x")
+    assert got == load_records(plain, name="x")
+    assert got[1].problem == "Größe?"
+
+
+def test_duplicate_ids_name_both_lines_and_the_int_str_collision(tmp_path):
+    path = write_records(tmp_path / "dup.jsonl", [raw(4), raw(5), raw(4)])
+    with pytest.raises(RecordError, match=rf"problem_id 4 appears twice, at {path}:1 and at {path}:3"):
+        load_records(path)
+    path = write_records(tmp_path / "mixed.jsonl", [raw(7), raw(8), raw("7")])
+    with pytest.raises(RecordError) as err:
+        load_records(path)
+    msg = str(err.value)
+    assert f"{path}:1" in msg and f"{path}:3" in msg, msg
+    assert "7 and '7' count as the same id" in msg, msg
+    listed = tmp_path / "dup.json"  # a JSON list: the line where each record starts
+    listed.write_text("[\n" + ",\n".join(json.dumps(raw(i)) for i in (4, 5, 4)) + "\n]\n")
+    with pytest.raises(RecordError, match=rf"at {listed}:2 record #0 and at {listed}:4 record #2"):
+        load_records(listed)
+
+
+def test_problem_type_errors_are_record_errors(tmp_path):
+    assert issubclass(ProblemTypeError, RecordError)
+    path = write_records(tmp_path / "t.jsonl", [raw(0, problem_type="essay")])
+    with pytest.raises(RecordError, match=rf"{path}:1 \(problem_id=0\): field 'problem_type' is 'essay'"):
+        load_records(path)
+
+
+def test_released_text_type_is_free_form(tmp_path):
+    path = write_records(tmp_path / "t.jsonl", [
+        raw(0, problem_type="text", options=[], solution="<answer>a red bus</answer>")])
+    (rec,) = load_records(path)
+    assert rec.problem_type == "free-form" and rec.answer == "a red bus"
 
 
 def fake_sources(sizes):

@@ -210,3 +210,16 @@ def test_unknown_problem_type_names_record() -> None:
         check_problem_type("essay", "data.jsonl record 7")
     with pytest.raises(ProblemTypeError, match="sample 1"):
         score_outcomes([OutcomeSample("OCR", "a", wrap("a")), OutcomeSample("math", "1", wrap("1"))])
+
+
+def test_text_problem_type_is_graded_like_free_form() -> None:
+    """The released data's ``text`` type: ROUGE as for free-form (before issue 17's fix
+    ``check_problem_type`` rejected it)."""
+    rouge_score = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rouge_score.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    gold, answer = "a red double-decker bus", "the red bus"
+    expected = np.mean([s.fmeasure for s in scorer.score(gold, answer).values()])
+    scores = score_outcomes([OutcomeSample("text", f"<answer>{gold}</answer>", wrap(answer))])
+    assert scores.reward[0] == pytest.approx(expected, abs=1e-9)
+    assert scores.stats.per_type_count == {"free-form": 1}
+    assert check_problem_type("text", "r") == "free-form"

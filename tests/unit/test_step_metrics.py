@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,3 +35,41 @@ def test_matches_a_direct_count(groups: list[list[str]]) -> None:
     top = max(flat.count(a) for a in set(flat)) / len(flat)
     assert np.isclose(m["rollout/answer_top_frac"], top)
     assert np.isclose(m["rollout/answer_distinct"], np.mean([len(set(g)) for g in groups]))
+
+
+def test_thinking_metrics_overall_and_per_source_by_hand() -> None:
+    import math
+    from types import SimpleNamespace
+
+    from sophiavl_mcore.trainer.metrics import thinking_metrics
+
+    # 3 groups of 2: c, h, c. Group 1 (hacked): the wrong reply thought better, gamma < 1.
+    outcome = np.array([1, 0, 1, 0, 1, 1], dtype=float)
+    thinking = np.array([0.8, 0.2, 0.3, 0.9, np.nan, 0.5])
+    true_q = np.array([1, 1 / 3, 1, 1 / 3, np.nan, 1])
+    g1 = math.exp(-0.6)
+    trust = SimpleNamespace(gamma=np.array([1.0, g1, 1.0]), mu_correct=np.array([0.8, 0.3, 0.5]),
+                            mu_wrong=np.array([0.2, 0.9, np.nan]), annealing=0.5,
+                            skipped=np.array([False, False, True]))
+    m = thinking_metrics(outcome, thinking, trust, 2, np.array(list("cchhcc")), true_q)
+    assert m["reward/thinking_mean"] == pytest.approx(0.54)
+    assert m["reward/thinking_std"] == pytest.approx(math.sqrt(0.372 / 5))
+    assert m["reward/thinking_scored_frac"] == pytest.approx(5 / 6)
+    assert m["reward/gamma_mean"] == pytest.approx((2 + g1) / 3)
+    assert m["reward/gamma_lt1_frac"] == pytest.approx(1 / 3)
+    assert m["reward/mu_gap_mean"] == pytest.approx(0.0) and m["reward/paired_groups"] == 2
+    assert m["reward/annealing"] == 0.5 and m["reward/skipped_groups_frac"] == pytest.approx(1 / 3)
+    assert m["reward/thinking_true_mean"] == pytest.approx(11 / 15)
+    c, h = "reward/source/c/", "reward/source/h/"
+    assert m[c + "outcome_mean"] == 0.75 and m[h + "outcome_mean"] == 0.5
+    assert m[c + "thinking_mean"] == pytest.approx(0.5)
+    assert m[c + "thinking_std"] == pytest.approx(math.sqrt(0.06))
+    assert m[h + "thinking_std"] == pytest.approx(0.3)
+    assert m[c + "gamma_mean"] == 1.0 and m[c + "gamma_lt1_frac"] == 0.0
+    assert m[h + "gamma_mean"] == pytest.approx(g1) and m[h + "gamma_lt1_frac"] == 1.0
+    assert m[c + "mu_gap_mean"] == pytest.approx(0.6) and m[h + "mu_gap_mean"] == pytest.approx(-0.6)
+    assert m[c + "trm_true_corr"] == pytest.approx(math.sqrt(3) / 2)
+    assert m[h + "trm_true_corr"] == pytest.approx(-1.0)  # the hacked TRM ranks backwards
+    # A constant thinking reward shows as zero spread.
+    flat = thinking_metrics(outcome, np.full(6, 0.7), trust, 2)
+    assert flat["reward/thinking_std"] < 1e-12 and not any("source" in k for k in flat)

@@ -1,0 +1,13 @@
+"""The one exception type for bad training data.
+
+It lives in its own module (no imports) so that both the record loader
+(``data.records``) and the reward functions (``rewards.outcome``, whose
+``ProblemTypeError`` subclasses it) can raise it without importing each other.
+"""
+
+from __future__ import annotations
+
+
+class RecordError(ValueError):
+    """A record or data file that does not follow the schema; the message names the file,
+    the record (line or index, and problem_id) and the field, with what was expected."""
