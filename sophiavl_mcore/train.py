@@ -46,6 +46,7 @@ def dry_run(cfg: GRPOTrainConfig) -> int:
 def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     """The whole run (the paper's algorithm, one step per iteration); returns per-step
     metrics (identical on every rank)."""
+    from sophiavl_mcore.data.dots_reasoning import row_oracle
     from sophiavl_mcore.data.records import load_records
     from sophiavl_mcore.logging import MetricsWriter, console_line
     from sophiavl_mcore.trainer.build import build_trainer
@@ -65,6 +66,7 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     writer = MetricsWriter(out / "tb", rank=rank)
     vpath = val_path(cfg)
     val_records = load_records(vpath)[:cfg.train.val_size] if vpath else []
+    oracle = row_oracle(cfg.task, cfg.output_dir)  # true thinking quality, when the task has it
     history: list[dict[str, float]] = []
     jsonl = (out / "metrics.jsonl").open("a" if trainer.start_step > 1 else "w") if rank == 0 else None
     last_step = trainer.start_step - 1
@@ -73,7 +75,7 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
             timer = PhaseTimer()
             records, roll, scores, sampled = collect_groups(trainer, step, timer)
             with timer("reward"):
-                scalars = gather_scalars(trainer.layout, records, roll, scores)
+                scalars = gather_scalars(trainer.layout, records, roll, scores, oracle)
             with timer("exchange"):
                 batch, moved = trainer.exchange(roll, scores, records)
             metrics = trainer.update(batch, timer)
@@ -81,13 +83,14 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
                 metrics.update(trainer.sync(step))
             metrics.update(moved)
             metrics.update(sampled)
-            metrics.update(reward_metrics(scalars, scalars.trust, scalars.columns["advantage"]))
+            metrics.update(reward_metrics(scalars, scalars.trust, scalars.columns["advantage"],
+                                          scalars.true_quality))
             metrics.update(rollout_metrics(scalars, trainer.layout))
             metrics.update(timer.metrics())
             if cfg.train.val_every and (step % cfg.train.val_every == 0 or step == total) and val_records:
                 metrics.update(evaluate(trainer, val_records))
-            log_step(writer, step, metrics, sample_view(roll, scores), scalars.trust,
-                     cfg.train.log_samples_every)
+            log_step(writer, step, metrics, scalars, scalars.trust, cfg.train.log_samples_every,
+                     samples=sample_view(roll, scores))
             history.append(metrics)
             if jsonl is not None:
                 jsonl.write(json.dumps({"step": step, **metrics}) + "\n")

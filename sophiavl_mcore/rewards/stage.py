@@ -16,7 +16,12 @@ import numpy as np
 from sophiavl_mcore.data.records import Record
 from sophiavl_mcore.rewards.config import RewardsConfig
 from sophiavl_mcore.rewards.thinking import ThinkingRewardClient
-from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult, group_advantages, trust_grpo
+from sophiavl_mcore.rewards.trust_grpo import (
+    TrustGRPOResult,
+    group_advantages,
+    needs_thinking_score,
+    trust_grpo,
+)
 
 
 @dataclasses.dataclass
@@ -76,8 +81,10 @@ def score_groups(records: Sequence[Record], texts: Sequence[Sequence[str]], imag
     thinking = np.full(len(scores.reward), np.nan)
     trm_metrics: dict[str, float] = {}
     if trm is not None and cfg.trust_grpo.use_thinking:
-        # No <think> block to grade when the format gate fails: those stay NaN.
-        idx, reqs = thinking_requests(records, texts, images, np.asarray(scores.well_formed, bool))
+        # No <think> block to grade when the format gate fails: those stay NaN (and with
+        # trust_grpo.thinking_min_outcome, low outcomes get 0 without a TRM call).
+        graded = needs_thinking_score(scores.reward, scores.well_formed, cfg.trust_grpo)
+        idx, reqs = thinking_requests(records, texts, images, graded)
         if reqs:
             ts = trm.score(reqs)
             thinking[idx] = ts.scores

@@ -139,7 +139,7 @@ def warm_start(cfg: GRPOTrainConfig, info: Any, ddp: Any, tokenizer: Any, image_
                sampler: Any) -> None:
     """SFT on formatted examples (answers uniform at random when configured). Uses a
     throw-away copy of the sampler so GRPO sees the data from its beginning."""
-    from sophiavl_mcore.data.visual_task import uniform_answer_records
+    from sophiavl_mcore.data.visual_task import uniform_answer_records, warm_start_reasoning_for
     from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer
     from sophiavl_mcore.trainer.sft import SFTConfig, SFTTrainer, shard_for_dp
     from sophiavl_mcore.trainer.sft_data import ExampleBuilder
@@ -153,12 +153,13 @@ def warm_start(cfg: GRPOTrainConfig, info: Any, ddp: Any, tokenizer: Any, image_
         "<|im_end|>")), info.device)
     builder = ExampleBuilder(tokenizer, image_cfg, sft.max_seq_len)
     local_sampler = copy.deepcopy(sampler)
+    reasoning = warm_start_reasoning_for(cfg.task, ws.reasoning)
     for step in range(1, ws.steps + 1):
         records = local_sampler.next_batch(ws.global_batch_size)
         if ws.uniform_answers and cfg.task.enabled:
             records = uniform_answer_records(records, cfg.task.max_count, cfg.seed + step)
         mine = shard_for_dp(records, info.dp_rank, info.dp)
-        metrics = trainer.step(builder.policy_examples(mine, cfg.prompt, lambda r: ws.reasoning))
+        metrics = trainer.step(builder.policy_examples(mine, cfg.prompt, reasoning))
         if step == 1 or step == ws.steps or step % 10 == 0:
             logger.info("warm start %d/%d: loss=%.4f grad_norm=%.3g", step, ws.steps,
                         metrics["train/loss"], metrics["train/grad_norm"])

@@ -49,7 +49,7 @@ def reward_metrics(roll: Any, trust: Any, advantages: np.ndarray,
     """Rewards per problem type, outcome vs thinking, γ, annealing, advantages, and the
     thinking / trust metrics of :func:`thinking_metrics` per data source.
 
-    ``roll``: :class:`~sophiavl_mcore.trainer.loop.Rollout`; ``trust``: the
+    ``roll``: the step's :class:`~sophiavl_mcore.trainer.step_data.StepScalars`; ``trust``: the
     :class:`~sophiavl_mcore.rewards.trust_grpo.TrustGRPOResult` of the step;
     ``true_quality``: f64[N] oracle thinking quality when the task has one (NaN = none).
     """
@@ -185,10 +185,11 @@ def sample_text(roll: Any, k: int = 4) -> str:
 
 
 def log_step(writer: Any, step: int, metrics: dict[str, float], roll: Any, trust: Any,
-             samples_every: int) -> None:
+             samples_every: int, samples: Any = None) -> None:
     """Scalars + γ histograms (all groups, and per data source) every step; every
     ``samples_every`` steps (0 = never) the first group's responses as text and the first
-    prompt's image."""
+    prompt's image. ``roll``: the step's groups (``records``, one per group);
+    ``samples``: where the shown group comes from (default ``roll``)."""
     writer.log(step, metrics)
     writer.add_histogram(step, "reward/gamma_hist", np.asarray(trust.gamma))
     sources = np.array([r.data_source for r in roll.records])  # one per group
@@ -196,7 +197,8 @@ def log_step(writer: Any, step: int, metrics: dict[str, float], roll: Any, trust
         gamma = np.asarray(trust.gamma)[:len(sources)][sources == label]
         if gamma.size:
             writer.add_histogram(step, f"reward/source/{label}/gamma_hist", gamma)
+    shown = roll if samples is None else samples
     if samples_every and step % samples_every == 0:
-        writer.add_text(step, "rollout/samples", sample_text(roll))
-        if roll.images and roll.images[0] is not None:
-            writer.add_image(step, "rollout/sample_image", roll.images[0].convert("RGB"))
+        writer.add_text(step, "rollout/samples", sample_text(shown))
+        if shown.images and shown.images[0] is not None:
+            writer.add_image(step, "rollout/sample_image", shown.images[0].convert("RGB"))

@@ -45,6 +45,11 @@ class EngineRollout:
         return [[s.text for s in r.samples] if r is not None else [""] * self.n
                 for r in self.results]
 
+    @property
+    def responses(self) -> list[list[dict[str, str]]]:
+        """Texts per group as ``[{"text": …}]`` (what the task's thinking oracle reads)."""
+        return [[{"text": t} for t in group] for group in self.texts()]
+
     def valid(self) -> np.ndarray:
         """bool [M_e]: responses that were really generated."""
         return np.repeat([r is not None for r in self.results], self.n)
@@ -69,8 +74,8 @@ class EngineRollout:
 
 # Per-response columns every rank gathers for metrics (float64).
 RESPONSE_COLUMNS = ("valid", "outcome", "accuracy", "well_formed", "thinking", "reward",
-                    "advantage", "length", "truncated", "answer")
-GROUP_COLUMNS = ("gamma", "mu_correct", "mu_wrong")
+                    "advantage", "length", "truncated", "answer", "true_quality")
+GROUP_COLUMNS = ("gamma", "mu_correct", "mu_wrong", "skipped")
 
 
 def answer_code(text: str) -> float:
@@ -82,8 +87,10 @@ def answer_code(text: str) -> float:
     return float(zlib.crc32(p.answer.strip().encode())) if p.well_formed else -1.0
 
 
-def engine_columns(roll: EngineRollout, scores: GroupScores) -> tuple[np.ndarray, np.ndarray]:
-    """(f64 [M_e, len(RESPONSE_COLUMNS)], f64 [G_e, len(GROUP_COLUMNS)])."""
+def engine_columns(roll: EngineRollout, scores: GroupScores, oracle: Any = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(f64 [M_e, len(RESPONSE_COLUMNS)], f64 [G_e, len(GROUP_COLUMNS)]); ``oracle``: the
+    task's true thinking quality of a rollout's replies (NaN column without one)."""
     lens, trunc, answers = [], [], []
     for res in roll.results:
         for j in range(roll.n):
@@ -93,8 +100,11 @@ def engine_columns(roll: EngineRollout, scores: GroupScores) -> tuple[np.ndarray
             answers.append(answer_code(s.text) if s is not None else -1.0)
     resp = np.stack([roll.valid().astype(np.float64), scores.outcome, scores.accuracy,
                      scores.well_formed, scores.thinking, scores.trust.reward, scores.advantages,
-                     np.asarray(lens, np.float64), np.asarray(trunc), np.asarray(answers)], axis=1)
-    groups = np.stack([scores.trust.gamma, scores.trust.mu_correct, scores.trust.mu_wrong], axis=1)
+                     np.asarray(lens, np.float64), np.asarray(trunc), np.asarray(answers),
+                     oracle(roll) if oracle is not None else np.full(len(lens), np.nan)], axis=1)
+    t = scores.trust
+    skipped = np.zeros(len(t.gamma)) if t.skipped is None else np.asarray(t.skipped, np.float64)
+    groups = np.stack([t.gamma, t.mu_correct, t.mu_wrong, skipped], axis=1)
     return resp, groups
 
 
@@ -127,11 +137,17 @@ class StepScalars:
     def thinking(self) -> np.ndarray:
         return self.columns["thinking"]
 
+    @property
+    def true_quality(self) -> np.ndarray | None:
+        """The task's true thinking quality per response (None: the task has none)."""
+        q = self.columns["true_quality"]
+        return q if np.isfinite(q).any() else None
+
 
 def gather_scalars(layout: EngineLayout, records: Sequence[Record], roll: EngineRollout,
-                   scores: GroupScores) -> StepScalars:
+                   scores: GroupScores, oracle: Any = None) -> StepScalars:
     """Collective: every engine's scalar columns on every rank (leaders' copies)."""
-    resp, groups = engine_columns(roll, scores)
+    resp, groups = engine_columns(roll, scores, oracle)
     both = torch.from_numpy(np.concatenate([resp.reshape(-1), groups.reshape(-1)]))
     out = [torch.empty_like(both) for _ in range(layout.world)]
     dist.all_gather(out, both, group=host_group())
@@ -147,7 +163,8 @@ def gather_scalars(layout: EngineLayout, records: Sequence[Record], roll: Engine
     columns = {c: all_resp[keep, i] for i, c in enumerate(RESPONSE_COLUMNS)}
     trust = TrustGRPOResult(reward=columns["reward"], gamma=all_groups[gkeep, 0],
                             mu_correct=all_groups[gkeep, 1], mu_wrong=all_groups[gkeep, 2],
-                            annealing=scores.trust.annealing, num_groups=int(gkeep.sum()))
+                            annealing=scores.trust.annealing, num_groups=int(gkeep.sum()),
+                            skipped=all_groups[gkeep, 3] > 0)
     kept_records = [r for r, k in zip(records, gkeep, strict=True) if k]
     return StepScalars(kept_records, roll.n, columns, trust,
                        _merge_trm([metrics[r] for r in leaders]), per_engine)
