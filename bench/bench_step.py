@@ -33,6 +33,9 @@ What differs, and which way it leans:
   alongside step time. Leans toward ours when lengths are equal.
 * Layout: ours is 2 processes × 1 thread (torchrun's OMP default) and TP=2 in training; TRL is 1
   process × 2 threads. That is each tool's natural way to use the 2 cores.
+* Threads: on a machine other jobs also load, TRL's 2 OMP threads wait on each other at every
+  op's barrier whenever one is descheduled, while ours' 1-thread processes do not: leans toward
+  ours under load (``--trl-threads 1`` to see it); on an idle machine it does not matter.
 * Start-up (engine build, model load) is excluded on both sides; so is ours' validation,
   sample logging, checkpointing and HF export (off here).
 """
@@ -116,14 +119,14 @@ def ours(work: Path, steps: int, rtp: int, plain: bool, tag: str, timeout: float
     return {"rows": rows, "peaks_kb": peaks}
 
 
-def trl(work: Path, steps: int, tag: str, timeout: float) -> dict:
+def trl(work: Path, steps: int, tag: str, timeout: float, threads: int = 2) -> dict:
     deps = ROOT / "bench" / ".deps"
     if not (deps / "trl").is_dir():
         raise SystemExit("TRL is not installed for the bench: run bench/setup_bench.sh (or --setup)")
     metrics = work / f"{tag}.jsonl"
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{deps}", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{deps}", OMP_NUM_THREADS=str(threads))
     cmd = [PY, str(ROOT / "bench" / "trl_grpo.py"), "--work", str(work / "shared"), "--steps", str(steps),
-           "--out", str(metrics)]
+           "--out", str(metrics), "--threads", str(threads)]
     peaks = run_watched(cmd, env, work / f"{tag}.log", timeout)
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     rows = [r for r in lines if "timing/step_s" in r]
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtp", default="1,2", help="rollout TP sizes of ours to run; the first is the RESULT's")
     ap.add_argument("--plain", action="store_true", help="ours without the thinking reward (TRL's reward)")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--trl-threads", type=int, default=2,
+                    help="TRL's torch/OMP threads (1 is steadier on a loaded machine)")
     ap.add_argument("--work", default="/tmp/bench_step")
     ap.add_argument("--timeout", type=float, default=1200)
     args = ap.parse_args(argv)
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             tag = f"{v}_r{rnd}"
             t = time.perf_counter()
             if v == "trl":
-                res = trl(work, args.steps, tag, args.timeout)
+                res = trl(work, args.steps, tag, args.timeout, args.trl_threads)
             else:
                 res = ours(work, args.steps, int(v.removeprefix("ours_rtp")), args.plain, tag, args.timeout)
             runs[v].append(res)
