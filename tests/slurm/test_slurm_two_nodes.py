@@ -20,10 +20,9 @@ import pytest
 
 from tests.slurm.conftest import TinyJob, submit_tiny
 
-# The SPMD rollout (issue 16) builds one vLLM engine per group of RTP consecutive ranks.
-# Until that lands, world=4 runs the single rollout engine on rank 0; afterwards this is
-# ("rollout.tensor_parallel_size=2",): 2 engines of 2 ranks, one per node.
-SPMD_ROLLOUT: tuple[str, ...] = ()
+# The SPMD rollout builds one vLLM engine per block of RTP consecutive ranks: with two
+# ranks per node and RTP=2, two engines, one per node (an engine never spans nodes).
+SPMD_ROLLOUT: tuple[str, ...] = ("rollout.tensor_parallel_size=2",)
 # 4 prompts × n=8 = 32 responses split over dp ≤ 2; a 2-step warm start (the format need
 # not be learned here). A launch of 4 ranks is mostly imports and the engine build:
 # 1-2.5 minutes on 2 cores, depending on what else runs there.
@@ -97,3 +96,6 @@ def test_two_nodes_two_ranks_requeue_resumes_on_both(slurm2, tmp_path) -> None:
     assert re.search(rf"resumed from \S+step_0*{k}: continuing at step {k + 1}\b",
                      job.train_log(1)), job.diagnostics()
     assert not any(STOP.search(job.node_log(1, node)) for node in range(2)), job.diagnostics()
+    for m in job.metrics():  # both engines, one per node, answered their share every step
+        assert m["rollout/engines"] == 2, m
+        assert m["rollout/engine_responses_min"] == m["rollout/engine_responses_max"] == 16, m
