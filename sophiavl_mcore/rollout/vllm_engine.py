@@ -36,12 +36,37 @@ from sophiavl_mcore.rollout.interface import (
 logger = logging.getLogger(__name__)
 
 
+class _OnceFilter(logging.Filter):
+    """Lets a repeated library warning through once. vLLM's CPU worker replaces
+    ``torch.set_num_threads`` with a warning (its threads are fixed after start-up), and
+    vLLM's own multimodal renderer then "sets" threads around every request: the calls
+    are harmless no-ops (threads stay at OMP_NUM_THREADS), the warning would flood the
+    log (~20k lines in the main job)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen = text, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in record.getMessage():
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def _quiet_repeated_warnings() -> None:
+    worker_log = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if not any(isinstance(f, _OnceFilter) for f in worker_log.filters):
+        worker_log.addFilter(_OnceFilter("torch.set_num_threads"))
+
+
 def _prepare_environment(cfg: RolloutConfig) -> None:
     """Environment vLLM reads at engine construction (must precede ``LLM(...)``)."""
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
         # A separate engine-core process would copy every weight tensor on sync.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gb))
+    _quiet_repeated_warnings()
 
 
 def _finalize_reload_on_worker(worker: Any) -> None:

@@ -28,7 +28,7 @@ ENGINES = {"tp2dp2_rtp2": 2, "tp2pp2_rtp1": 4, "tp1dp4_rtp2": 2}
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
-def spmd_run(request, tmp_path_factory) -> tuple[str, list[dict]]:
+def spmd_run(request, tmp_path_factory) -> tuple[str, list[dict], str]:
     name = request.param
     out = tmp_path_factory.mktemp(name)
     proc = launch(out, *LAYOUTS[name], f"train.total_steps={STEPS}", "warm_start.steps=0",
@@ -42,12 +42,12 @@ def spmd_run(request, tmp_path_factory) -> tuple[str, list[dict]]:
     (out / "launcher.log").write_text(log)
     if proc.returncode != 0:
         pytest.fail(f"{name}: exited with {proc.returncode}; last output:\n{log[-6000:]}")
-    return name, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return name, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], log
 
 
 @pytest.mark.slow
 def test_every_engine_generates_its_share(spmd_run) -> None:
-    name, steps = spmd_run
+    name, steps, _ = spmd_run
     assert len(steps) == STEPS
     share = PROMPTS // ENGINES[name] * N
     for s in steps:
@@ -61,14 +61,14 @@ def test_engines_with_uneven_or_no_work_do_not_wait_for_each_other(spmd_run) -> 
     """Validation deals 3 records to the engines (2+1, or 1+1+1+0): every engine runs a
     different number of forwards (vLLM must not all-reduce across them) and all 3
     records are graded."""
-    _, steps = spmd_run
+    _, steps, _ = spmd_run
     assert steps[-1]["val/size"] == 3
     assert 0.0 <= steps[-1]["val/accuracy"] <= 1.0
 
 
 @pytest.mark.slow
 def test_each_response_trained_exactly_once(spmd_run) -> None:
-    _, steps = spmd_run
+    _, steps, _ = spmd_run
     total = PROMPTS * N
     for s in steps:
         assert s["rollout/rows_trained"] == total
@@ -80,14 +80,14 @@ def test_each_response_trained_exactly_once(spmd_run) -> None:
 def test_engines_match_megatron_after_each_sync(spmd_run) -> None:
     """Step k's responses come from the engines synced after step k−1 (step 1: the
     initial sync); their log-probs must equal Megatron's recomputation (float32)."""
-    _, steps = spmd_run
+    _, steps, _ = spmd_run
     for s in steps:
         assert s["train/logprob_mismatch_max"] <= 1e-5, s["train/logprob_mismatch_max"]
 
 
 @pytest.mark.slow
 def test_sync_bytes_are_reported_and_replica_local(spmd_run) -> None:
-    name, steps = spmd_run
+    name, steps, _ = spmd_run
     for s in steps:
         model, worst = s["weight_sync/bytes_model"], s["weight_sync/bytes_max_rank"]
         assert model > 0
@@ -97,3 +97,11 @@ def test_sync_bytes_are_reported_and_replica_local(spmd_run) -> None:
             assert 0 < worst <= model / 2
         else:  # TP=2 × PP=2: the other stage and the other TP half, never the whole model
             assert 0 < worst < model
+
+
+@pytest.mark.slow
+def test_log_is_not_flooded_by_a_repeated_library_warning(spmd_run) -> None:
+    """vLLM's CPU worker warns on every refused torch.set_num_threads, which its own
+    renderer calls around each request: once per rank, not once per request."""
+    _, _, log = spmd_run
+    assert log.count("torch.set_num_threads") <= 4, log.count("torch.set_num_threads")
