@@ -13,8 +13,10 @@ trainer's; :func:`close_spmd_engine` keeps it alive.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from sophiavl_mcore.rollout.config import RolloutConfig
@@ -32,15 +34,23 @@ def build_spmd_engine(cfg: RolloutConfig, layout: EngineLayout) -> Any:
     return VllmRolloutEngine(spmd, data_parallel_size=layout.num_engines)
 
 
-def close_spmd_engine(engine: Any) -> None:
-    """Shut the engine down without destroying the trainer's default process group."""
-    if engine is None:
-        return
+@contextlib.contextmanager
+def keep_default_group() -> Iterator[None]:
+    """vLLM's shutdown ends with ``destroy_distributed_environment``, which would destroy
+    the default process group — the trainer's. Inside this context it does not."""
     from vllm.distributed import parallel_state as vps
 
     original = vps.destroy_distributed_environment
     vps.destroy_distributed_environment = lambda: None
     try:
-        engine.close()
+        yield
     finally:
         vps.destroy_distributed_environment = original
+
+
+def close_spmd_engine(engine: Any) -> None:
+    """Shut the engine down without destroying the trainer's default process group."""
+    if engine is None:
+        return
+    with keep_default_group():
+        engine.close()

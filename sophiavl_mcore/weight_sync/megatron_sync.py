@@ -138,7 +138,6 @@ class MegatronWeightSync(WeightSync):
         plan: ConversionPlan | None = None,
         expected_specs: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
-        from megatron.core import parallel_state as ps
 
         self.cfg = cfg or WeightSyncConfig()
         self.rank = dist.get_rank()
@@ -147,15 +146,7 @@ class MegatronWeightSync(WeightSync):
             raise ValueError(f"weight_sync.engine_rank={self.cfg.engine_rank} but world_size={self.world}")
         self.is_engine_rank = self.rank == self.cfg.engine_rank
         self.engine = engine
-        chunk = _unwrap(model)
-        self.module = chunk.checkpoint_module() if hasattr(chunk, "checkpoint_module") else chunk
-        self.tp = ps.get_tensor_model_parallel_world_size()
-        self.pp = ps.get_pipeline_model_parallel_world_size()
-        self.coord = RankCoord(self.rank, ps.get_tensor_model_parallel_rank(),
-                               ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
-        self.hf_config = load_config_json(hf_config)
-        if "vision_config" in self.hf_config:
-            import sophiavl_mcore.models.vision  # noqa: F401  (registers visual.* rules)
+        self._bind(model, hf_config)
         self.expected = None
         if self.is_engine_rank:
             if engine is None:
@@ -180,6 +171,20 @@ class MegatronWeightSync(WeightSync):
         self.engine_update: str = info[0][1]  # how the engine takes weights (every rank)
 
     # ------------------------------------------------------------------ setup
+
+    def _bind(self, model: Any, hf_config: Mapping[str, Any] | str | Path) -> None:
+        """This rank's model stage, its place in the layout and the HF config."""
+        from megatron.core import parallel_state as ps
+
+        chunk = _unwrap(model)
+        self.module = chunk.checkpoint_module() if hasattr(chunk, "checkpoint_module") else chunk
+        self.tp = ps.get_tensor_model_parallel_world_size()
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.coord = RankCoord(self.rank, ps.get_tensor_model_parallel_rank(),
+                               ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
+        self.hf_config = load_config_json(hf_config)
+        if "vision_config" in self.hf_config:
+            import sophiavl_mcore.models.vision  # noqa: F401  (registers visual.* rules)
 
     def _make_updater(self) -> Any:
         """The in-place writer for ``cfg.engine_update`` (None: vLLM's reload)."""

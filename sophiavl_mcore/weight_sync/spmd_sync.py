@@ -59,9 +59,7 @@ class SpmdWeightSync(MegatronWeightSync):
                  plan: Any = None, expected_specs: Mapping[str, tuple[int, ...]] | None = None) -> None:
         from megatron.core import parallel_state as ps
 
-        from sophiavl_mcore.models.hf_config import load_config_json
         from sophiavl_mcore.weight_sync.config import WeightSyncConfig
-        from sophiavl_mcore.weight_sync.megatron_sync import _unwrap
 
         if engine is None:
             raise ValueError(f"rank {dist.get_rank()}: the SPMD weight sync needs this rank's engine")
@@ -69,18 +67,10 @@ class SpmdWeightSync(MegatronWeightSync):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_engine_rank = True
         self.engine = engine
-        chunk = _unwrap(model)
-        self.module = chunk.checkpoint_module() if hasattr(chunk, "checkpoint_module") else chunk
-        self.tp = ps.get_tensor_model_parallel_world_size()
-        self.pp = ps.get_pipeline_model_parallel_world_size()
-        self.coord = RankCoord(self.rank, ps.get_tensor_model_parallel_rank(),
-                               ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
+        self._bind(model, hf_config)
         self.mp_group = ps.get_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.device = next(self.module.parameters()).device
-        self.hf_config = load_config_json(hf_config)
-        if "vision_config" in self.hf_config:
-            import sophiavl_mcore.models.vision  # noqa: F401  (registers visual.* rules)
         self.expected = dict(expected_specs) if expected_specs is not None else engine_specs(engine)
         self._updater = self._make_updater()
         coords, metas = self._gather_meta()

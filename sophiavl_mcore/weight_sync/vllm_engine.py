@@ -196,12 +196,10 @@ def close_colocated_engine(engine: Any) -> None:
     """
     from vllm.distributed import parallel_state as vps
 
+    from sophiavl_mcore.rollout.spmd import keep_default_group
+
     for name, value in list(vars(vps).items()):
         if isinstance(value, vps.GroupCoordinator):
             setattr(vps, name, None)
-    original = vps.destroy_distributed_environment
-    vps.destroy_distributed_environment = lambda: None
-    try:
+    with keep_default_group():
         engine.close()
-    finally:
-        vps.destroy_distributed_environment = original
