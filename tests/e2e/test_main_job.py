@@ -54,13 +54,17 @@ def test_tensorboard_has_the_step_metrics(main_job) -> None:
         "train/kl", "train/entropy", "train/clip_fraction", "train/logprob_mismatch",
         "train/grad_norm", "rollout/response_len_mean", "perf/tokens_per_s",
         "reward/accuracy_well_formed", "rollout/answer_top_frac", "rollout/answer_distinct",
-        "timing/rollout_s", "timing/reward_s", "timing/old_logprobs_s", "timing/ref_logprobs_s",
+        "timing/rollout_s", "timing/reward_s", "timing/exchange_s", "timing/ref_logprobs_s",
         "timing/train_s", "timing/weight_sync_s", "timing/step_s",
+        "rollout/engines", "weight_sync/bytes_max_rank", "weight_sync/bytes_model",
+        "train/logprob_mismatch_max",
     ]
     missing = [t for t in expected if t not in tags]
     assert not missing, f"missing TensorBoard tags {missing}; have {sorted(tags)}"
     assert tags["reward/outcome_mean"] == list(range(1, steps + 1))
     assert "val/accuracy" in tags
+    # one update per rollout: the ratio comes from the training forward, no extra pass
+    assert "timing/old_logprobs_s" not in tags
 
 
 @pytest.mark.slow
