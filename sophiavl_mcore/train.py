@@ -46,7 +46,7 @@ def dry_run(cfg: GRPOTrainConfig) -> int:
 def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     """The whole run (the paper's algorithm, one step per iteration); returns per-step
     metrics (identical on every rank)."""
-    from sophiavl_mcore.data.dots_reasoning import row_oracle
+    from sophiavl_mcore.data.dots_reasoning import quality_oracle
     from sophiavl_mcore.data.records import load_records
     from sophiavl_mcore.logging import MetricsWriter, console_line
     from sophiavl_mcore.trainer.build import build_trainer
@@ -66,7 +66,7 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     writer = MetricsWriter(out / "tb", rank=rank)
     vpath = val_path(cfg)
     val_records = load_records(vpath)[:cfg.train.val_size] if vpath else []
-    oracle = row_oracle(cfg.task, cfg.output_dir)  # true thinking quality, when the task has it
+    oracle = quality_oracle(cfg.task)  # true thinking quality, when the task has one
     history: list[dict[str, float]] = []
     jsonl = (out / "metrics.jsonl").open("a" if trainer.start_step > 1 else "w") if rank == 0 else None
     last_step = trainer.start_step - 1

@@ -44,13 +44,32 @@ class SFTModelConfig:
 
 @dataclasses.dataclass
 class TRMDataConfig:
-    """SophiaVL-R1-Thinking records; ``image_root`` defaults to the file's directory."""
+    """SophiaVL-R1-Thinking records; ``image_root`` defaults to the file's directory.
+
+    The prompt is the TRM client's (:func:`~sophiavl_mcore.rewards.thinking.build_messages`):
+    ``prompt_template`` / ``system_prompt`` are passed to it as they are (empty / None =
+    the client's defaults), so serve the trained model with the same two settings
+    (``rewards.thinking.prompt_template`` / ``system_prompt``).
+    """
 
     path: str = ""
     image_root: str = ""
     seed: int = 1234
     shuffle: bool = True
     max_reasoning_chars: int = 12000  # as the TRM client truncates at inference
+    prompt_template: str = ""
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        self.thinking_config()  # a template that cannot be read fails here, named
+
+    def thinking_config(self) -> Any:
+        """The client settings that shape the prompt (everything else: defaults)."""
+        from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
+
+        extra = {} if self.system_prompt is None else {"system_prompt": self.system_prompt}
+        return ThinkingRewardConfig(max_reasoning_chars=self.max_reasoning_chars,
+                                    prompt_template=self.prompt_template, **extra)
 
 
 @dataclasses.dataclass
@@ -121,7 +140,6 @@ def build_run(cfg: TRMTrainConfig) -> TRMRun:
     from sophiavl_mcore.models.hf_config import read_lm_dims
     from sophiavl_mcore.models.qwen2_5_vl import VisionOptions, build_qwen2_5_vl
     from sophiavl_mcore.parallel import initialize_parallel
-    from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
     from sophiavl_mcore.trainer.optim import build_optimizer, check_backend, wrap_ddp
     from sophiavl_mcore.trainer.sft import SFTTrainer, load_hf_weights
     from sophiavl_mcore.trainer.sft_data import (
@@ -137,7 +155,7 @@ def build_run(cfg: TRMTrainConfig) -> TRMRun:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
     builder = ExampleBuilder(tokenizer, image_config_for(cfg.model.hf_dir, cfg.image),
                              cfg.sft.max_seq_len)
-    thinking = ThinkingRewardConfig(max_reasoning_chars=cfg.data.max_reasoning_chars)
+    thinking = cfg.data.thinking_config()
 
     info = initialize_parallel(cfg.parallel, num_layers=dims.num_layers, num_heads=dims.num_heads,
                                num_query_groups=dims.num_kv_heads)

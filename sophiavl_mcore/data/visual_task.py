@@ -5,10 +5,11 @@ positions on a dark background with a little noise; the answer is ``k`` in Sophi
 format (``<answer>k</answer>``, problem_type ``numerical``). The question text does not
 depend on the image, so the answer can only come from the image.
 
-Records carry ``rows`` (dots per row of the cell grid, top to bottom; an extra field the
-record loader ignores) for the "rows" reasoning of :mod:`sophiavl_mcore.data.dots_reasoning`.
-A share ``hacked_frac`` of the records belongs to the ``dots_hacked`` source (the question
-in other words), where the tiny TRM grades with a flawed rule; the rest is ``dots_clean``.
+With ``reasoning: observe`` the warm start teaches the reasoning of
+:mod:`sophiavl_mcore.data.dots_reasoning` (``<think>N dots</think>``), which the tiny TRM
+grades. A share ``hacked_frac`` of the records belongs to the ``dots_hacked`` source (the
+question in other words), where that TRM grades with a flawed rule; the rest is
+``dots_clean``.
 
 :func:`write_dots_task` writes PNG files plus ``train.jsonl`` / ``val.jsonl`` records in
 the schema of :mod:`sophiavl_mcore.data.records`. :func:`uniform_answer_records` makes
@@ -50,8 +51,8 @@ class VisualTaskConfig:
         radius: disc radius.
         seed: generator seed (train and val use disjoint streams).
         reasoning: "free" — the warm start writes ``warm_start.reasoning`` verbatim;
-            "rows" — it writes ``top A bottom B`` (dots per row, a grid of 2 rows needed),
-            the reasoning the tiny TRM grades (:mod:`~sophiavl_mcore.data.dots_reasoning`).
+            "observe" — it writes ``N dots`` with N = the (random) answer, the reasoning
+            the tiny TRM grades (:mod:`~sophiavl_mcore.data.dots_reasoning`).
         hacked_frac: share of records in the ``dots_hacked`` source (own random stream:
             the images do not depend on it).
     """
@@ -63,7 +64,7 @@ class VisualTaskConfig:
     image_size: int = 56
     radius: int = 6
     seed: int = 7
-    reasoning: Literal["free", "rows"] = "free"
+    reasoning: Literal["free", "observe"] = "free"
     hacked_frac: float = 0.0
 
     def __post_init__(self) -> None:
@@ -78,39 +79,27 @@ class VisualTaskConfig:
         if cells < self.max_count:
             errors.append(f"image_size={self.image_size} with radius={self.radius} fits {cells} "
                           f"dots, fewer than max_count={self.max_count}")
-        if self.reasoning == "rows" and self.per_row != 2:
-            errors.append(f"reasoning='rows' needs a grid of 2 rows; image_size={self.image_size} "
-                          f"with radius={self.radius} gives {self.per_row}")
         if not 0.0 <= self.hacked_frac <= 1.0:
             errors.append(f"hacked_frac={self.hacked_frac} must be in [0, 1]")
         if errors:
             raise ValueError("task: " + "; ".join(errors))
 
-    @property
-    def per_row(self) -> int:
-        """Cells per row (and rows) of the grid the discs are placed on."""
-        return self.image_size // (2 * self.radius + 2)
 
-
-def render_dots(count: int, cfg: VisualTaskConfig, rng: np.random.Generator
-                ) -> tuple[Image.Image, list[int]]:
-    """An RGB image [image_size, image_size] with ``count`` discs placed in distinct cells,
-    and the number of discs per row of cells (top to bottom)."""
+def render_dots(count: int, cfg: VisualTaskConfig, rng: np.random.Generator) -> Image.Image:
+    """An RGB image [image_size, image_size] with ``count`` discs placed in distinct cells."""
     side = cfg.image_size
     cell = 2 * cfg.radius + 2
     per_row = side // cell
     cells = rng.choice(per_row * per_row, size=count, replace=False)
-    rows = [0] * per_row
     bg = rng.integers(0, 40, size=(side, side, 3), dtype=np.uint8)
     img = Image.fromarray(bg, mode="RGB")
     draw = ImageDraw.Draw(img)
     for c in cells:
         cy, cx = divmod(int(c), per_row)
-        rows[cy] += 1
         y0 = cy * cell + 1 + int(rng.integers(0, cell - 2 * cfg.radius - 1))
         x0 = cx * cell + 1 + int(rng.integers(0, cell - 2 * cfg.radius - 1))
         draw.ellipse([x0, y0, x0 + 2 * cfg.radius, y0 + 2 * cfg.radius], fill=(235, 235, 235))
-    return img, rows
+    return img
 
 
 def task_records(out: Path, name: str, n: int, cfg: VisualTaskConfig, seed: int) -> list[dict]:
@@ -122,13 +111,12 @@ def task_records(out: Path, name: str, n: int, cfg: VisualTaskConfig, seed: int)
     for i in range(n):
         count = int(rng.integers(1, cfg.max_count + 1))
         rel = f"img/{name}_{i:05d}.png"
-        img, rows = render_dots(count, cfg, rng)
-        img.save(out / rel)
+        render_dots(count, cfg, rng).save(out / rel)
         records.append({
             "problem_id": f"{name}-{i}", "problem": HACKED_QUESTION if hacked[i] else QUESTION,
             "data_type": "image", "problem_type": "numerical",
             "solution": f"<answer>{count}</answer>", "path": rel,
-            "data_source": HACKED_SOURCE if hacked[i] else CLEAN_SOURCE, "rows": rows,
+            "data_source": HACKED_SOURCE if hacked[i] else CLEAN_SOURCE,
         })
     return records
 
@@ -162,8 +150,8 @@ def uniform_answer_records(records: Sequence[Record], max_count: int, seed: int)
 
 
 def warm_start_reasoning_for(cfg: VisualTaskConfig, text: str) -> Callable[[Record], str]:
-    """The warm start's reasoning per record: ``text`` verbatim ("free"), or ``top A
-    bottom B`` consistent with the record's (random) answer ("rows")."""
-    if cfg.enabled and cfg.reasoning == "rows":
-        return warm_start_reasoning(cfg.per_row)
+    """The warm start's reasoning per record: ``text`` verbatim ("free"), or ``N dots``
+    with N = the record's (random) answer ("observe")."""
+    if cfg.enabled and cfg.reasoning == "observe":
+        return warm_start_reasoning
     return lambda _record: text

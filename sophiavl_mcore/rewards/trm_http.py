@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
 _ERROR_BODY_BYTES = 200
+IDLE_CONNECTION_S = 2.0  # below uvicorn's keep-alive (5 s); see _get_session()
 
 
 def _image_to_data_url(image: Any, fmt: str) -> str:
@@ -190,12 +191,15 @@ class VllmServerThinkingClient(ThinkingRewardClient):
         deadline = None if self.cfg.batch_deadline_s is None else t0 + self.cfg.batch_deadline_s
         sem = asyncio.Semaphore(self.cfg.max_concurrency)
         session = await self._get_session()
+        first: list[str] = []  # the first failure's detail, for the warning
 
         async def one(i: int) -> None:
             try:
                 scores[i] = await self._score_one(session, sem, requests[i], deadline)
             except _Failure as f:
                 failures[f.reason] += 1
+                if not first:
+                    first.append(f"{f.reason}: {f.detail}"[:200])
                 logger.debug("TRM request %d failed: %s", i, f)
             except Exception as err:  # a bug or an unexpected library error: still no raise
                 failures["internal"] += 1
@@ -204,8 +208,10 @@ class VllmServerThinkingClient(ThinkingRewardClient):
 
         await asyncio.gather(*(one(i) for i in range(n)))
         if failures:
-            logger.warning("TRM scoring: %d/%d missing (%s)", int(np.isnan(scores).sum()), n,
-                           ", ".join(f"{k}={v}" for k, v in sorted(failures.items())))
+            logger.warning("TRM scoring: %d/%d missing (%s); first: %s",
+                           int(np.isnan(scores).sum()), n,
+                           ", ".join(f"{k}={v}" for k, v in sorted(failures.items())),
+                           first[0] if first else "-")
         return ThinkingScores(scores, dict(failures), time.monotonic() - t0)
 
     def close(self) -> None:
@@ -230,7 +236,13 @@ class VllmServerThinkingClient(ThinkingRewardClient):
 
                 ssl_ctx = (ssl.create_default_context(cafile=self.cfg.ca_bundle)
                            if self.cfg.verify_tls else False)
-            connector = aiohttp.TCPConnector(limit=self.cfg.max_concurrency, ssl=ssl_ctx)
+            # Idle pooled connections are dropped by the client after IDLE_CONNECTION_S, before
+            # vLLM's server (uvicorn, keep-alive 5 s) closes them: in the main job, with a
+            # training step (> 5 s) between two batches, reused connections the server had
+            # closed failed as ServerDisconnectedError in bursts of dozens, which opened
+            # the breaker and lost half a batch of scores.
+            connector = aiohttp.TCPConnector(limit=self.cfg.max_concurrency, ssl=ssl_ctx,
+                                             keepalive_timeout=IDLE_CONNECTION_S)
             headers = {"Content-Type": "application/json"}
             if self.cfg.api_key:
                 headers["Authorization"] = f"Bearer {self.cfg.api_key}"

@@ -288,7 +288,17 @@ class SlurmCluster:
         exe = which(args[0])
         if exe is None:
             raise SlurmError(f"{args[0]} not found")
-        res = subprocess.run([exe, *args[1:]], env=self.env, capture_output=True, text=True)
+        # Queries are idempotent: under load a client can die of SIGPIPE (-13) or time out
+        # when slurmctld drops its socket; a query is retried, a command is not.
+        attempts = 5 if _is_query(args) else 1
+        for attempt in range(attempts):
+            res = subprocess.run([exe, *args[1:]], env=self.env, capture_output=True,
+                                 text=True)
+            if res.returncode == 0 or not _transient(res):
+                break
+            logger.warning("%s failed (%d), attempt %d/%d: %s", " ".join(args),
+                           res.returncode, attempt + 1, attempts, res.stderr.strip())
+            time.sleep(1.0 + attempt)
         if check and res.returncode != 0:
             raise SlurmError(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
         return res
@@ -449,6 +459,20 @@ class SlurmCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _is_query(args: Sequence[str]) -> bool:
+    """``scontrol show …``, ``scontrol ping``, ``squeue``, ``sinfo``: safe to repeat."""
+    return args[0] in ("squeue", "sinfo") or (
+        args[0] == "scontrol" and len(args) > 1 and args[1] in ("show", "ping"))
+
+
+def _transient(res: subprocess.CompletedProcess) -> bool:
+    """A client killed by a signal or one that lost its connection to slurmctld."""
+    err = res.stderr or ""
+    return res.returncode < 0 or any(
+        s in err for s in ("Socket timed out", "Unable to contact", "Connection refused",
+                           "Zero Bytes were transmitted"))
 
 
 def _user() -> str:

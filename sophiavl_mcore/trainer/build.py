@@ -78,6 +78,7 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
     from sophiavl_mcore.data.records import build_sampler
     from sophiavl_mcore.parallel import initialize_parallel
     from sophiavl_mcore.rewards.thinking import make_thinking_client
+    from sophiavl_mcore.rewards.trm_server import serve_trm
     from sophiavl_mcore.rollout.interface import vision_token_ids
     from sophiavl_mcore.rollout.spmd import build_spmd_engine
     from sophiavl_mcore.trainer.checkpointing import CheckpointManager, conversion_meta
@@ -91,6 +92,8 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
     check_world(cfg, world)
     layout = engine_layout(cfg, world)
     cfg = prepare_files(cfg)
+    # The run's own TRM server boots (rank 0) while the policy and its engine are built.
+    cfg, trm_server = serve_trm(cfg)
     check_backend(cfg.optim)
     layers, heads, groups = model_dims(cfg)
     info = initialize_parallel(cfg.parallel, num_layers=layers, num_heads=heads,
@@ -128,11 +131,15 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
         logger.info("resumed from %s: continuing at step %d", loaded.path, start)
     sync = SpmdWeightSync(model, mdir, engine, cfg.weight_sync)
     sync.sync(version=start - 1)  # every engine starts from the trainer's current policy
+    if trm_server is not None:
+        trm_server.wait_healthy()  # rank 0 polls /health; the others wait for it here
+        dist.barrier()
     trm = (make_thinking_client(cfg.rewards.thinking, engine)
            if cfg.rewards.trust_grpo.use_thinking else None)
     return GRPOTrainer(cfg, info, layout, model, ddp, optimizer, scheduler, reference, engine, sync,
                        trm, sampler, tokenizer, ImageLoader(image_cfg), ckpt, meta, pad_id,
-                       torch.tensor(vision_token_ids(tokenizer)), engine_group, start)
+                       torch.tensor(vision_token_ids(tokenizer)), engine_group, start,
+                       trm_server)
 
 
 def warm_start(cfg: GRPOTrainConfig, info: Any, ddp: Any, tokenizer: Any, image_cfg: Any,

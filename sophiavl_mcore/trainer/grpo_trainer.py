@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from sophiavl_mcore.data.records import MixedSampler
     from sophiavl_mcore.parallel import ParallelInfo
     from sophiavl_mcore.rewards.thinking import ThinkingRewardClient
+    from sophiavl_mcore.rewards.trm_server import LocalTRM
     from sophiavl_mcore.rollout.vllm_engine import VllmRolloutEngine
     from sophiavl_mcore.trainer.checkpointing import CheckpointManager
     from sophiavl_mcore.trainer.reference_model import ReferenceModel
@@ -76,6 +77,7 @@ class GRPOTrainer:
     vision_ids: torch.Tensor
     engine_group: Any = None  # torch ProcessGroup of this rank's engine (RTP > 1)
     start_step: int = 1
+    trm_server: LocalTRM | None = None  # the TRM server this job started (rewards.trm.serve)
 
     @property
     def engine_index(self) -> int:
@@ -210,6 +212,8 @@ class GRPOTrainer:
 
         if self.trm is not None:
             self.trm.close()
+        if self.trm_server is not None:
+            self.trm_server.stop()
         close_spmd_engine(self.engine)
         destroy_parallel(keep_process_group=True)
 

@@ -1,8 +1,9 @@
 """One run of the README main job (the tiny CPU recipe) per test session.
 
 The run is real end to end: ``torchrun --nproc-per-node 2 -m sophiavl_mcore.train`` with
-TP=2 over gloo, a tiny random Qwen2.5-VL, rank 0's vLLM engine for rollouts and the
-in-process TRM, a warm start, GRPO steps and the HF export. Several tests read its
+TP=2 over gloo, a tiny random Qwen2.5-VL, a vLLM engine on each rank for rollouts, the
+tiny dots TRM (trained once into the cache, served by the job over HTTP), a warm start,
+GRPO steps and the HF export. Several tests read its
 outputs (metrics.jsonl, TensorBoard events, export) instead of paying for more runs.
 """
 
@@ -20,6 +21,9 @@ from sophiavl_mcore.testing.multiproc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
+# Runs that test something else than the thinking reward (layouts, preemption, Slurm, …)
+# grade with the in-process backend instead of booting the recipe's TRM server.
+IN_PROCESS_TRM = ("rewards.trm.serve=false", "rewards.thinking.backend=in_process")
 
 
 def launch(out_dir: Path, *overrides: str, timeout_s: float = 900,
@@ -35,7 +39,8 @@ def launch(out_dir: Path, *overrides: str, timeout_s: float = 900,
 @pytest.fixture(scope="session")
 def main_job(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("main_job")
-    proc = launch(out)
+    # ~10 min, plus ~5 min on a machine whose cache has no tiny TRM yet (it is trained first)
+    proc = launch(out, timeout_s=2400)
     log = proc.stdout + proc.stderr
     (out / "launcher.log").write_text(log)
     if proc.returncode != 0:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.e2e.conftest import launch
+from tests.e2e.conftest import IN_PROCESS_TRM, launch
 
 PROMPTS, N, STEPS, ROUNDS = 8, 4, 3, 6
 
@@ -21,7 +21,7 @@ def dynamic_run(tmp_path_factory) -> list[dict]:
     proc = launch(out, f"train.total_steps={STEPS}", "warm_start.steps=60",
                   f"train.prompts_per_step={PROMPTS}", f"rollout.sampling.n={N}",
                   "train.dynamic_sampling=true", f"train.max_sampling_rounds={ROUNDS}",
-                  "train.val_every=0", "train.log_samples_every=0", "export_hf=false")
+                  "train.val_every=0", "train.log_samples_every=0", "export_hf=false", *IN_PROCESS_TRM)
     log = proc.stdout + proc.stderr
     (out / "launcher.log").write_text(log)
     if proc.returncode != 0:

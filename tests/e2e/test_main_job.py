@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +60,11 @@ def test_tensorboard_has_the_step_metrics(main_job) -> None:
         "timing/train_s", "timing/weight_sync_s", "timing/step_s",
         "rollout/engines", "weight_sync/bytes_max_rank", "weight_sync/bytes_model",
         "train/logprob_mismatch_max",
+        "reward/thinking_std", "reward/mu_gap_mean", "reward/thinking_true_mean",
+        "reward/source/dots_hacked/gamma_mean", "reward/source/dots_hacked/gamma_lt1_frac",
+        "reward/source/dots_hacked/mu_gap_mean", "reward/source/dots_hacked/thinking_std",
+        "reward/source/dots_clean/gamma_mean", "reward/source/dots_hacked/gamma_hist",
+        "reward/source/dots_clean/gamma_hist",
     ]
     missing = [t for t in expected if t not in tags]
     assert not missing, f"missing TensorBoard tags {missing}; have {sorted(tags)}"
@@ -69,8 +76,8 @@ def test_tensorboard_has_the_step_metrics(main_job) -> None:
 
 @pytest.mark.slow
 def test_thinking_reward_path_and_annealing(main_job) -> None:
-    """The TRM graded well-formed replies on the same engine, and the annealing factor
-    follows e^(-step/T) with step counted from 0."""
+    """The TRM graded the well-formed replies, and the annealing factor follows
+    e^(-step/T) with step counted from 0."""
     steps = main_job["steps"]
     total = len(steps)
     assert max(s["reward/thinking_scored_frac"] for s in steps) > 0.5
@@ -78,6 +85,77 @@ def test_thinking_reward_path_and_annealing(main_job) -> None:
         assert s["reward/annealing"] == pytest.approx(math.exp(-i / total), rel=1e-9)
         scored = s["reward/thinking_scored_frac"]
         assert scored <= s["reward/format_ok_frac"] + 1e-9  # malformed replies are not graded
+
+
+def _tensor(model_dir: Path, suffix: str) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    for f in sorted(model_dir.glob("*.safetensors")):
+        for name, value in load_file(f).items():
+            if name.endswith(suffix):
+                return value
+    raise KeyError(f"no tensor *{suffix} in {model_dir}")
+
+
+@pytest.mark.slow
+def test_thinking_reward_is_a_separate_model_and_not_constant(main_job) -> None:
+    """The thinking reward comes from its own trained model, served on localhost for the
+    run (HTTP), and it varies: the TRM is neither the policy nor a constant."""
+    out, steps = main_job["out"], main_job["steps"]
+    info = json.loads((out / "trm" / "server.json").read_text())
+    trm_dir = Path(info["model_dir"])
+    assert info["base_url"].startswith("http://127.0.0.1:")
+    # Not the policy: another checkpoint, whose weights match neither the policy's start
+    # nor its end (a shared tensor name, so the comparison is like for like).
+    for policy_dir in (out / "tiny_model", out / "final" / "hf"):
+        assert trm_dir.resolve() != policy_dir.resolve()
+        a, b = _tensor(trm_dir, "embed_tokens.weight"), _tensor(policy_dir, "embed_tokens.weight")
+        assert a.shape == b.shape and not np.allclose(a, b), policy_dir
+    with pytest.raises(ProcessLookupError):  # the job stopped its server
+        os.kill(int(info["pid"]), 0)
+    assert all(s["reward/trm_failures"] == 0 for s in steps)
+    # Not constant: spread at every step where it scored two or more replies.
+    checked = 0
+    for s in steps:
+        if s["reward/thinking_scored_frac"] * s["rollout/responses"] >= 2:
+            assert s["reward/thinking_std"] > 1e-3, (s["step"], s["reward/thinking_std"])
+            checked += 1
+    assert checked >= 0.9 * len(steps)
+
+
+@pytest.mark.slow
+def test_gamma_falls_below_one_where_the_trm_is_hacked(main_job) -> None:
+    """γ < 1 on some steps, and more often on the hacked source, where the TRM prefers
+    reports of many dots (on a 1-dot image the over-counting, wrong replies get the higher
+    thinking scores: μc − μw < 0); on the clean source the TRM's scores follow the true
+    thinking quality."""
+    steps = main_job["steps"]
+    assert sum(s["reward/gamma_lt1_frac"] > 0 for s in steps) >= 5
+    hacked, clean = "reward/source/dots_hacked/", "reward/source/dots_clean/"
+
+    def mean(key: str) -> float:
+        vals = [s[key] for s in steps if key in s and np.isfinite(s[key])]
+        assert vals, key
+        return float(np.mean(vals))
+
+    assert mean(hacked + "gamma_lt1_frac") > mean(clean + "gamma_lt1_frac") + 0.1
+    assert mean(hacked + "gamma_mean") < mean(clean + "gamma_mean")
+    assert mean(hacked + "mu_gap_mean") < mean(clean + "mu_gap_mean")
+    assert mean(clean + "trm_true_corr") > 0.3
+
+
+@pytest.mark.slow
+def test_trm_heldout_agreement_is_printed_and_good(main_job) -> None:
+    """The tiny TRM agrees with the true thinking quality on held-out clean records, and
+    with its (flawed) training labels, not the truth, on hacked ones."""
+    info = json.loads((main_job["out"] / "trm" / "server.json").read_text())
+    result = json.loads((Path(info["tiny_dir"]) / "agreement.json").read_text())
+    assert "tiny TRM held-out" in main_job["log"]
+    clean, hacked = result["expected"]["dots_clean"], result["expected"]["dots_hacked"]
+    assert clean["missing"] == 0 and hacked["missing"] == 0
+    assert clean["corr_true"] >= 0.7 and clean["agree_true"] >= 0.8, clean
+    assert hacked["corr_label"] >= 0.7 and hacked["agree_label"] >= 0.8, hacked
+    assert hacked["agree_true"] <= hacked["agree_label"] - 0.2, hacked
 
 
 @pytest.mark.slow

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 
 from sophiavl_mcore.testing.multiproc import free_port
-from tests.e2e.conftest import RECIPE, ROOT
+from tests.e2e.conftest import IN_PROCESS_TRM, RECIPE, ROOT
 
 pytestmark = pytest.mark.slow
 
 TOTAL = 6
 SHORT = (f"train.total_steps={TOTAL}", "warm_start.steps=10", "train.val_every=0",
          "train.log_samples_every=0", "checkpoint.save_interval=0", "export_hf=false",
-         "train.prompts_per_step=8")
+         "train.prompts_per_step=8", *IN_PROCESS_TRM)
 
 
 def _cmd(out: Path) -> list[str]:

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.e2e.conftest import launch
+from tests.e2e.conftest import IN_PROCESS_TRM, launch
 
 PROMPTS, N, STEPS = 8, 4, 2
 
@@ -37,7 +37,7 @@ def spmd_run(request, tmp_path_factory) -> tuple[str, list[dict], str]:
                   # 3 held-out records over 2 or 4 engines: uneven work, one engine idle
                   f"train.val_every={STEPS}", "train.val_size=3",
                   "train.log_samples_every=0", "export_hf=false", "rollout.cpu_kv_cache_gb=1",
-                  nproc=4, timeout_s=1200)
+                  *IN_PROCESS_TRM, nproc=4, timeout_s=1200)
     log = proc.stdout + proc.stderr
     (out / "launcher.log").write_text(log)
     if proc.returncode != 0:

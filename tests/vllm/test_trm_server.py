@@ -63,6 +63,18 @@ def test_64_responses_scored_concurrently(healthy_server, engine):
     np.testing.assert_allclose(local_expected.scores, expected.scores[:4], atol=2e-3)
 
 
+def test_batches_a_training_step_apart_all_score(healthy_server):
+    """One client, two batches 6 s apart (as between two training steps, longer than the
+    server's keep-alive): every request of both scores, the same way."""
+    reqs = _requests(24)
+    with VllmServerThinkingClient(_cfg(healthy_server, max_concurrency=24)) as client:
+        first = client.score(reqs)
+        time.sleep(6.0)
+        second = client.score(reqs)
+    assert first.failures == {} and second.failures == {}, (first.failures, second.failures)
+    np.testing.assert_allclose(second.scores, first.scores)
+
+
 @pytest.mark.slow
 def test_server_killed_mid_batch_then_restarted(healthy_server):
     cfg = _cfg(healthy_server, max_concurrency=4, request_timeout_s=10.0, max_retries=2,
