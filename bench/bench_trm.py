@@ -47,10 +47,10 @@ def sequential_baseline(base_url: str, api_key: str, model: str, cfg, requests) 
 
     from sophiavl_mcore.rewards.thinking import (
         SCORE_REGEX,
-        _image_to_data_url,
         build_messages,
         parse_score,
     )
+    from sophiavl_mcore.rewards.trm_http import _image_to_data_url
 
     client = OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=120)
     ok = 0
@@ -82,7 +82,8 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig, VllmServerThinkingClient
+    from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
+    from sophiavl_mcore.rewards.trm_http import VllmServerThinkingClient
     from sophiavl_mcore.testing.vllm_server import VllmServer
 
     server = None

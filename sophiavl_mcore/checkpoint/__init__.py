@@ -4,7 +4,7 @@ Public API::
 
     build_plan(dims, tp, pp, *, layers_per_stage, te, hf_prefix, vocab_divisible_by,
                config_json) -> ConversionPlan          (rules, rank_specs, shard, merge)
-    register_extra_rules(model_type, provider)          (hook: e.g. Qwen2.5-VL visual.*)
+    register_extra_rules(model_type, provider)          (hook; Qwen2.5-VL visual.* is built in)
     convert_hf_to_mcore(hf_dir, out_dir, tp, pp, ...) ; convert_mcore_to_hf(mcore_dir, out)
     load_mcore_shard / save_mcore_shard / load_hf_into_model  (live models)
 """

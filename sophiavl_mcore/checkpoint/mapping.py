@@ -20,9 +20,10 @@ Layer indices are local to a pipeline stage in Megatron names (``decoder.layers.
 and global in HF names. TE specs fuse the pre-attention / pre-MLP RMSNorm into the
 following linear (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``).
 
-Extension hook: :func:`register_extra_rules` lets another model family (Qwen2.5-VL's
-vision tower) add rules for its tensors keyed by ``model_type``; they take part in
-conversion, validation and the 72B proof exactly like LM rules.
+Extra tensors beyond the LM are added per ``model_type``: Qwen2.5-VL's vision tower
+(``visual.*``, :func:`vision_conversion_rules`) is built in; :func:`register_extra_rules`
+lets another model family add its own. They take part in conversion, validation and the
+72B proof exactly like LM rules.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, Literal
 import torch
 
 from sophiavl_mcore.models.hf_config import Qwen2Dims, padded_vocab_size
+from sophiavl_mcore.models.vision import build_vision_tower
 from sophiavl_mcore.parallel.layout import stage_layer_counts, stage_layer_offsets
 
 Kind = Literal["replicated", "vocab", "column", "row", "qkv", "gate_up"]
@@ -175,7 +177,39 @@ class ConversionPlan:
 # --------------------------------------------------------------- extension registry
 
 RuleProvider = Callable[[Mapping[str, Any], "ConversionPlan"], list[Rule]]
-_EXTRA_RULES: dict[str, list[RuleProvider]] = {}
+
+
+def vision_hf_prefix(lm_hf_prefix: str) -> str:
+    """HF name prefix of the vision tower's tensors, consistent with the LM's prefix.
+
+    Hub files (and ``save_pretrained``) use ``model.`` for the LM and ``visual.`` for the
+    tower; transformers-5 in-memory state dicts use ``model.language_model.`` and
+    ``model.visual.``.
+    """
+    return "model.visual." if lm_hf_prefix.startswith("model.language_model.") else "visual."
+
+
+def vision_conversion_rules(config_json: Mapping[str, Any], plan: ConversionPlan) -> list[Rule]:
+    """Conversion rules for every ``visual.*`` tensor of Qwen2.5-VL: replicated over TP,
+    first stage.
+
+    Megatron-side names are ``visual.<HF name without prefix>`` — the names of
+    :class:`~sophiavl_mcore.models.qwen2_5_vl.Qwen25VLModel` ``.checkpoint_module()``.
+    Shapes come from a meta-device build of the tower
+    (:func:`~sophiavl_mcore.models.vision.build_vision_tower`), so this costs no memory
+    even for 72B.
+    """
+    prefix = vision_hf_prefix(plan.hf_prefix)
+    tower = build_vision_tower(config_json, dtype=torch.bfloat16, device="meta")
+    return [
+        Rule(f"visual.{name}", (f"{prefix}{name}",), (tuple(p.shape),), "replicated", 0)
+        for name, p in tower.named_parameters()
+    ]
+
+
+# model_type -> providers; Qwen2.5-VL's tower is built in, so a VL conversion never
+# silently drops visual.* tensors.
+_EXTRA_RULES: dict[str, list[RuleProvider]] = {"qwen2_5_vl": [vision_conversion_rules]}
 
 
 def register_extra_rules(model_type: str, provider: RuleProvider) -> None:
@@ -266,10 +300,6 @@ def build_plan(
         vocab_padded=padded_vocab_size(dims.vocab_size, tp, vocab_divisible_by), rules=rules,
     )
     if config_json is not None:
-        if "vision_config" in config_json:
-            # The tower's rules live with the model code; importing it registers them, so a
-            # VL conversion never silently drops visual.* tensors.
-            import sophiavl_mcore.models.vision  # noqa: F401
         for provider in _EXTRA_RULES.get(str(config_json.get("model_type")), []):
             plan.rules.extend(provider(config_json, plan))
     _check_unique(plan)

@@ -75,7 +75,7 @@ def quality(stated: int | None, answer: str, count: int, hacked: bool = False,
 def thinking_quality(texts: Sequence[str], counts: Sequence[int | None]) -> np.ndarray:
     """True thinking quality f64[N] of policy replies (NaN where the reply fails the format
     gate or its count is unknown). ``counts[i]`` belongs to ``texts[i]``."""
-    from sophiavl_mcore.rewards.outcome import parse_response
+    from sophiavl_mcore.data.schema import parse_response
 
     out = np.full(len(texts), np.nan)
     for i, (text, k) in enumerate(zip(texts, counts, strict=True)):

@@ -1,8 +1,7 @@
 """The one exception type for bad training data.
 
-It lives in its own module (no imports) so that both the record loader
-(``data.records``) and the reward functions (``rewards.outcome``, whose
-``ProblemTypeError`` subclasses it) can raise it without importing each other.
+It lives in its own module (no imports) so that every loader and the record schema
+(``data.schema``, whose ``ProblemTypeError`` subclasses it) raise one type.
 """
 
 from __future__ import annotations

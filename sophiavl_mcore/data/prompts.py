@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sophiavl_mcore.data.records import Record
-from sophiavl_mcore.rewards.outcome import PROBLEM_TYPES
+from sophiavl_mcore.data.schema import PROBLEM_TYPES
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from sophiavl_mcore.data.errors import RecordError
-from sophiavl_mcore.rewards.outcome import check_problem_type
+from sophiavl_mcore.data.schema import check_problem_type
 
 __all__ = ["DATA_TYPES", "DataConfig", "DataSourceConfig", "MixedSampler", "Record", "RecordError",
            "build_sampler", "check_unique_ids", "load_records", "read_raw_records",

@@ -7,8 +7,9 @@ scores as a TRM would return them (one missing, as after a TRM failure). The gro
 chosen to show Trust-GRPO at work: in the numerical group the wrong answers got *higher*
 thinking scores than the right ones, so γ < 1 shrinks the thinking reward there.
 ``--config`` takes any training recipe (its ``rewards:`` section is used, e.g. the
-ablations in examples/configs/ablations/); overrides use the config's dotted keys, e.g.
-``rewards.trust_grpo.use_trust=false``.
+ablations in examples/configs/ablations/; the other sections are not read, and are
+validated only by the training job that owns them); overrides use the config's dotted
+keys under ``rewards.``, e.g. ``rewards.trust_grpo.use_trust=false``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sophiavl_mcore.config import load_config
+from sophiavl_mcore.config import apply_overrides, from_dict, read_recipe
 from sophiavl_mcore.rewards.config import RewardsConfig
 from sophiavl_mcore.rewards.outcome import OutcomeSample, score_outcomes
 from sophiavl_mcore.rewards.trust_grpo import group_advantages, trust_grpo
@@ -75,18 +76,21 @@ def build_samples() -> tuple[list[OutcomeSample], np.ndarray]:
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Without a recipe the demo reads only the reward section (defaults + overrides)."""
+    """The demo reads only the reward section (defaults ← recipe ← overrides)."""
 
     rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
 
 
 def rewards_from(recipe: str | Path | None, overrides: Sequence[str] = ()) -> RewardsConfig:
-    """The reward section of a training recipe (validated as a whole), or the defaults."""
-    if recipe is None:
-        return load_config(None, overrides, cls=DemoConfig).rewards
-    from sophiavl_mcore.trainer.setup import GRPOTrainConfig
+    """The ``rewards:`` section of a training recipe (``base:`` chains followed), or the
+    defaults, with ``overrides`` applied and validated as a :class:`RewardsConfig`.
 
-    return load_config(recipe, overrides, cls=GRPOTrainConfig).rewards
+    Only that section is read: the rewards layer does not import the trainer's
+    top-level config. An override outside ``rewards.`` is an unknown key (an error).
+    """
+    data = read_recipe(recipe) if recipe is not None else {}
+    section = {"rewards": data["rewards"]} if "rewards" in data else {}
+    return from_dict(DemoConfig, apply_overrides(section, overrides)).rewards
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -417,25 +417,3 @@ class InProcessThinkingClient(ThinkingRewardClient):
             chosen = tok.decode([tid]) if tok is not None else ""
             out.append((chosen, float(sample.logprobs[t]), sample.top_logprobs[t]))
         return out
-
-
-def make_thinking_client(cfg: ThinkingRewardConfig, engine: Any = None) -> ThinkingRewardClient:
-    """The configured backend; ``engine`` (a RolloutEngine) is needed for ``in_process``."""
-    if cfg.backend == "http":
-        from sophiavl_mcore.rewards.trm_http import VllmServerThinkingClient
-
-        return VllmServerThinkingClient(cfg)
-    if engine is None:
-        raise ValueError("rewards.thinking.backend='in_process' needs a rollout engine")
-    return InProcessThinkingClient(engine, cfg)
-
-
-def __getattr__(name: str) -> Any:
-    # The HTTP backend lives in trm_http.py (which imports this module); loaded on first
-    # use so that ``from sophiavl_mcore.rewards.thinking import VllmServerThinkingClient``
-    # keeps working without an import cycle or aiohttp for in-process users.
-    if name in ("VllmServerThinkingClient", "_CircuitBreaker", "_image_to_data_url"):
-        from sophiavl_mcore.rewards import trm_http
-
-        return getattr(trm_http, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

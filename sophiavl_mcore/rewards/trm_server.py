@@ -27,70 +27,13 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
+from sophiavl_mcore.rewards.config import LocalTRMConfig
+
 logger = logging.getLogger(__name__)
-
-# torchrun's variables: a server started from a rank must not think it is one.
-_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                 "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
-                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
-                 "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
-                 "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE",
-                 "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS")
-
-
-@dataclasses.dataclass
-class LocalTRMConfig:
-    """A TRM the job serves itself (``rewards.trm``).
-
-    Attributes:
-        serve: start a vLLM OpenAI-compatible server for the run and point
-            ``rewards.thinking`` at it (backend ``http``); False = use
-            ``rewards.thinking`` as configured (an external server, or in-process).
-        model_dir: HF checkpoint of the TRM (e.g. the released SophiaVL-R1 TRM).
-        tiny: serve the tiny dots TRM instead (built and trained once, then cached;
-            :mod:`sophiavl_mcore.testing.tiny_trm`). Needs ``task.reasoning: observe``.
-        tiny_recipe: the ``trm_train`` recipe the tiny TRM is trained with (relative
-            paths: to the repository root).
-        tiny_records: images in the tiny TRM's training set (4 reasonings each).
-        tiny_heldout: held-out images (4 reasonings each) for its agreement figures.
-        cache_dir: where the tiny TRM is cached ("" = ``$SOPHIAVL_CACHE`` or
-            ``~/.cache/sophiavl_mcore``).
-        startup_timeout_s: how long the server may take to answer ``/health``.
-        kv_cache_gb: the server's CPU KV cache (GiB).
-        max_num_seqs: requests the server batches at once.
-    """
-
-    serve: bool = False
-    model_dir: str = ""
-    tiny: bool = False
-    tiny_recipe: str = "examples/configs/trm_dots_tiny.yaml"
-    tiny_records: int = 768
-    tiny_heldout: int = 96
-    cache_dir: str = ""
-    startup_timeout_s: float = 600.0
-    kv_cache_gb: int = 1
-    max_num_seqs: int = 128
-
-    def __post_init__(self) -> None:
-        errors = []
-        if self.serve and not (self.tiny or self.model_dir):
-            errors.append("serve=true needs model_dir or tiny=true")
-        if self.tiny and self.model_dir:
-            errors.append(f"tiny=true and model_dir={self.model_dir!r}: choose one")
-        if self.tiny_records < 8 or self.tiny_heldout < 1:
-            errors.append(f"tiny_records={self.tiny_records} must be >= 8 and "
-                          f"tiny_heldout={self.tiny_heldout} >= 1")
-        if self.startup_timeout_s <= 0 or self.kv_cache_gb < 1 or self.max_num_seqs < 1:
-            errors.append(f"startup_timeout_s={self.startup_timeout_s} must be > 0, kv_cache_gb="
-                          f"{self.kv_cache_gb} and max_num_seqs={self.max_num_seqs} >= 1")
-        if errors:
-            raise ValueError("rewards.trm: " + "; ".join(errors))
-
 
 def launch_id() -> str:
     """Identifies one torchrun launch (the same on every rank of it)."""
@@ -98,46 +41,14 @@ def launch_id() -> str:
     return ":".join(os.environ.get(k, "") for k in keys)
 
 
-def server_env(base: dict[str, str] | None = None, threads: int | None = None) -> dict[str, str]:
-    """The environment for a server or job started from inside a rank: the launcher's
-    variables removed, ``OMP_NUM_THREADS`` = all cores unless given."""
-    env = {k: v for k, v in (base or os.environ).items() if k not in _LAUNCHER_ENV}
-    env["OMP_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
-    return env
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def make_server(model_dir: str | Path, log_path: str | Path, cfg: LocalTRMConfig) -> Any:
-    """A :class:`~sophiavl_mcore.testing.vllm_server.VllmServer` whose process dies with
-    this one and does not inherit the launcher's variables (not started yet)."""
-    import subprocess
-
+    """A :class:`~sophiavl_mcore.testing.vllm_server.VllmServer` for ``model_dir`` whose
+    process dies with this one and does not inherit the launcher's variables (not
+    started yet)."""
     from sophiavl_mcore.testing.vllm_server import VllmServer
 
-    class _OwnedServer(VllmServer):
-        def start(self) -> _OwnedServer:
-            if self.proc is not None and self.proc.poll() is None:
-                return self
-            env = server_env()
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gb))
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._t_start = time.monotonic()
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                             env=env, start_new_session=True,
-                                             preexec_fn=_die_with_parent)
-            logger.info("TRM server pid=%d on %s (model %s, log %s)", self.proc.pid,
-                        self.base_url, self.model_dir, self.log_path)
-            return self
-
-    return _OwnedServer(model_dir, log_path, kv_cache_gb=cfg.kv_cache_gb,
-                        max_num_seqs=cfg.max_num_seqs)
+    return VllmServer(model_dir, log_path, kv_cache_gb=cfg.kv_cache_gb,
+                      max_num_seqs=cfg.max_num_seqs, owned=True)
 
 
 class LocalTRM:
@@ -191,6 +102,13 @@ def serve_trm(cfg: Any) -> tuple[Any, LocalTRM | None]:
     if not cfg.rewards.trust_grpo.use_thinking:  # plain GRPO: nobody asks the TRM
         return cfg, None
     rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if cfg.rewards.trm.serve and world > local:
+        raise ValueError(f"rewards.trm.serve=true serves the TRM on 127.0.0.1 of the first node, "
+                         f"which the other nodes cannot reach (WORLD_SIZE={world}, "
+                         f"LOCAL_WORLD_SIZE={local}): serve it yourself and set "
+                         f"rewards.trm.serve=false rewards.thinking.base_url=http://<host>:<port>/v1")
     trm = start_local_trm(cfg.rewards.trm, cfg.task, cfg.output_dir, rank, cfg.rewards.thinking)
     if trm is None:
         return cfg, None

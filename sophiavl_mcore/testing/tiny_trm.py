@@ -112,9 +112,9 @@ def _train(work: Path, cfg: Any, data: Path, thinking: Any) -> Path:
     import yaml
 
     from sophiavl_mcore.config import load_config
-    from sophiavl_mcore.rewards.trm_server import server_env
     from sophiavl_mcore.testing.multiproc import free_port
     from sophiavl_mcore.testing.tiny_models import TinyModelSpec, build_tiny_qwen2_5_vl
+    from sophiavl_mcore.testing.vllm_server import server_env
     from sophiavl_mcore.trm_train import TRMTrainConfig
 
     base = build_tiny_qwen2_5_vl(work / "base", TinyModelSpec(num_kv_heads=2, seed=TRM_SEED))
@@ -202,7 +202,8 @@ def score_heldout(entry: Path, thinking: Any, score_mode: str) -> dict[str, Any]
     points at, in ``score_mode``; returns the figures of :func:`agreement`."""
     import dataclasses
 
-    from sophiavl_mcore.rewards.thinking import ThinkingRequest, VllmServerThinkingClient
+    from sophiavl_mcore.rewards.thinking import ThinkingRequest
+    from sophiavl_mcore.rewards.trm_http import VllmServerThinkingClient
 
     data = entry / "data"
     rows = [json.loads(x) for x in (data / "heldout.jsonl").read_text().splitlines()]
@@ -246,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from sophiavl_mcore.config import load_config
     from sophiavl_mcore.logging import setup_logging
-    from sophiavl_mcore.rewards.trm_server import make_server
+    from sophiavl_mcore.testing.vllm_server import VllmServer
     from sophiavl_mcore.trainer.setup import GRPOTrainConfig
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -256,10 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(args.config, args.overrides, cls=GRPOTrainConfig)
     entry = ensure_tiny_trm(cfg.rewards.trm, cfg.task, cfg.rewards.thinking)
-    server = make_server(entry / "hf", entry / "serve.log", cfg.rewards.trm).start()
+    trm = cfg.rewards.trm
+    server = VllmServer(entry / "hf", entry / "serve.log", kv_cache_gb=trm.kv_cache_gb,
+                        max_num_seqs=trm.max_num_seqs, owned=True).start()
     try:
         server.wait_healthy(cfg.rewards.trm.startup_timeout_s)
-        ensure_agreement(entry, dataclasses.replace(cfg.rewards.thinking, base_url=server.base_url))
+        ensure_agreement(entry, dataclasses.replace(cfg.rewards.thinking, base_url=server.base_url,
+                                                    model=server.served_name))
     finally:
         server.stop()
     logger.info("tiny TRM: %s", entry / "hf")

@@ -21,21 +21,47 @@ from sophiavl_mcore.testing.multiproc import free_port
 
 logger = logging.getLogger(__name__)
 
+# torchrun's variables: a server (or job) started from a rank must not think it is one.
+_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                 "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                 "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE",
+                 "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS")
+
+
+def server_env(base: dict[str, str] | None = None, threads: int | None = None) -> dict[str, str]:
+    """The environment for a server or job started from inside a rank: the launcher's
+    variables removed, ``OMP_NUM_THREADS`` = all cores unless given."""
+    env = {k: v for k, v in (base or os.environ).items() if k not in _LAUNCHER_ENV}
+    env["OMP_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
+    return env
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
 
 class VllmServer:
     """One ``vllm serve`` subprocess in its own process group (so a kill takes its
-    engine-core child too). ``start()`` returns at once; ``wait_healthy()`` blocks."""
+    engine-core child too). ``start()`` returns at once; ``wait_healthy()`` blocks.
+    ``owned``: started from a training rank — the launcher's variables are dropped
+    (:func:`server_env`) and the server dies with the process that started it."""
 
     def __init__(self, model_dir: str | Path, log_path: str | Path, port: int | None = None,
                  api_key: str | None = None, served_name: str = "trm",
                  extra_args: list[str] | None = None, kv_cache_gb: int = 1,
-                 max_num_seqs: int = 64) -> None:
+                 max_num_seqs: int = 64, owned: bool = False) -> None:
         self.model_dir, self.log_path = str(model_dir), Path(log_path)
         self.port = port or free_port()
         self.api_key, self.served_name = api_key, served_name
         self.extra_args = list(extra_args or [])
         self.kv_cache_gb = kv_cache_gb
         self.max_num_seqs = max_num_seqs
+        self.owned = owned
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
         self._t_start = 0.0
@@ -57,13 +83,14 @@ class VllmServer:
     def start(self) -> VllmServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
-        env = dict(os.environ)
+        env = server_env() if self.owned else dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gb))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child's lifetime
         self._t_start = time.monotonic()
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent if self.owned else None)
         log.close()
         logger.info("started vllm server pid=%d port=%d", self.proc.pid, self.port)
         return self

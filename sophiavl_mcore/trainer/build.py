@@ -77,7 +77,6 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
     from sophiavl_mcore.data.images import ImageLoader
     from sophiavl_mcore.data.records import build_sampler
     from sophiavl_mcore.parallel import initialize_parallel
-    from sophiavl_mcore.rewards.thinking import make_thinking_client
     from sophiavl_mcore.rewards.trm_server import serve_trm
     from sophiavl_mcore.rollout.interface import vision_token_ids
     from sophiavl_mcore.rollout.spmd import build_spmd_engine
@@ -134,12 +133,24 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
     if trm_server is not None:
         trm_server.wait_healthy()  # rank 0 polls /health; the others wait for it here
         dist.barrier()
-    trm = (make_thinking_client(cfg.rewards.thinking, engine)
+    trm = (thinking_client(cfg.rewards.thinking, engine)
            if cfg.rewards.trust_grpo.use_thinking else None)
     return GRPOTrainer(cfg, info, layout, model, ddp, optimizer, scheduler, reference, engine, sync,
                        trm, sampler, tokenizer, ImageLoader(image_cfg), ckpt, meta, pad_id,
                        torch.tensor(vision_token_ids(tokenizer)), engine_group, start,
                        trm_server)
+
+
+def thinking_client(cfg: Any, engine: Any) -> Any:
+    """The configured TRM client (``rewards.thinking``: a ThinkingRewardConfig): ``http``
+    asks an OpenAI-compatible server, ``in_process`` grades on ``engine`` (this rank's
+    rollout engine)."""
+    from sophiavl_mcore.rewards.thinking import InProcessThinkingClient
+    from sophiavl_mcore.rewards.trm_http import VllmServerThinkingClient
+
+    if cfg.backend == "http":
+        return VllmServerThinkingClient(cfg)
+    return InProcessThinkingClient(engine, cfg)
 
 
 def warm_start(cfg: GRPOTrainConfig, info: Any, ddp: Any, tokenizer: Any, image_cfg: Any,

@@ -183,8 +183,6 @@ class MegatronWeightSync(WeightSync):
         self.coord = RankCoord(self.rank, ps.get_tensor_model_parallel_rank(),
                                ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
         self.hf_config = load_config_json(hf_config)
-        if "vision_config" in self.hf_config:
-            import sophiavl_mcore.models.vision  # noqa: F401  (registers visual.* rules)
 
     def _make_updater(self) -> Any:
         """The in-place writer for ``cfg.engine_update`` (None: vLLM's reload)."""

@@ -26,12 +26,18 @@ group objects, which a one-rank engine never communicates over, and the trainer
 initialises its own world (``initialize_parallel``) afterwards.
 :func:`close_colocated_engine` shuts the engine down without touching the trainer's
 groups.
+
+Layer helpers shared by :mod:`~sophiavl_mcore.weight_sync.vllm_repack` and
+:mod:`~sophiavl_mcore.weight_sync.vllm_inplace` (which both build on this module, never
+the other way round): which GEMM a CPU layer runs (:func:`kernel_is_live`,
+:func:`packed_kernel_weight`) and vLLM's reload metadata of a packed weight
+(:func:`weight_reload_meta`, :func:`original_loader`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +112,38 @@ def packed_kernel_weight(module: torch.nn.Module, weight: torch.Tensor, in_featu
         return module.cpu_linear(eye, weight, None).t()
 
 
+def live_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """CPU GEMM that reads the layer's plain ``weight`` [N, K] at every call: x [.., K] -> [.., N]."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def kernel_is_live(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s GEMM reads its ``weight`` parameter directly (always true off
+    CPU for unquantized layers; on CPU only after
+    :func:`~sophiavl_mcore.weight_sync.vllm_inplace.make_live`)."""
+    if not hasattr(module, "cpu_linear"):
+        return True
+    return module.cpu_linear is live_linear and module.weight.numel() > 0
+
+
+def weight_reload_meta(module: torch.nn.Module) -> torch.Tensor:
+    """vLLM's reload metadata of ``module.weight`` (a meta tensor with the parameter's
+    class, shape and loader attributes), kept when vLLM packed and dropped the weight."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    meta = get_layerwise_info(module).restore_metadata[0].get("weight")
+    if meta is None:
+        raise NotImplementedError(f"{type(module).__name__}: vLLM kept no reload metadata")
+    return meta
+
+
+def original_loader(loader: Callable | None) -> Callable | None:
+    """``loader`` without vLLM's layer-wise reload wrappers."""
+    while loader is not None and getattr(loader, "__name__", "") == "online_process_loader":
+        loader = loader.__wrapped__
+    return loader
+
+
 class VllmReadBack:
     """Read the engine's current value of an HF-named tensor (rollout TP = 1)."""
 
@@ -131,8 +169,6 @@ class VllmReadBack:
         key = f"{module_path}.{pname}"
         if key in self._cache:
             return self._cache[key]
-        from sophiavl_mcore.weight_sync.vllm_inplace import kernel_is_live
-
         module = self.model.get_submodule(module_path)
         param = getattr(module, pname)
         values = [param.detach()] if param.numel() > 0 else []

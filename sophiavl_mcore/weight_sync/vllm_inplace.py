@@ -40,17 +40,24 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from sophiavl_mcore.weight_sync.vllm_engine import (
+    engine_model,
+    engine_worker,
+    fused_target,
+    kernel_is_live,
+    live_linear,
+    original_loader,
+    packed_kernel_weight,
+    weight_reload_meta,
+)
+from sophiavl_mcore.weight_sync.vllm_repack import Repacker
+
 logger = logging.getLogger(__name__)
-
-
-def live_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """CPU GEMM that reads the layer's plain ``weight`` [N, K] at every call: x [.., K] -> [.., N]."""
-    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _live_method_types() -> tuple[type, type]:
@@ -87,25 +94,6 @@ def _point_kernel_at_weight(layer: torch.nn.Module) -> None:
     layer.cpu_linear = live_linear
 
 
-def kernel_is_live(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s GEMM reads its ``weight`` parameter directly (always true off
-    CPU for unquantized layers; on CPU only after :func:`make_live`)."""
-    if not hasattr(module, "cpu_linear"):
-        return True
-    return module.cpu_linear is live_linear and module.weight.numel() > 0
-
-
-def weight_reload_meta(module: torch.nn.Module) -> torch.Tensor:
-    """vLLM's reload metadata of ``module.weight`` (a meta tensor with the parameter's
-    class, shape and loader attributes), kept when vLLM packed and dropped the weight."""
-    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-
-    meta = get_layerwise_info(module).restore_metadata[0].get("weight")
-    if meta is None:
-        raise NotImplementedError(f"{type(module).__name__}: vLLM kept no reload metadata")
-    return meta
-
-
 def make_live(module: torch.nn.Module, overwritten: bool) -> bool:
     """Switch one linear / embedding layer to a CPU GEMM that reads its plain ``weight``.
 
@@ -133,8 +121,6 @@ def make_live(module: torch.nn.Module, overwritten: bool) -> bool:
         from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
         from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 
-        from sophiavl_mcore.weight_sync.vllm_engine import packed_kernel_weight
-
         meta = weight_reload_meta(module)
         with torch.device(module.weight.device):
             # materialise first: restore_layer_refs edits the tensor's attributes in place
@@ -151,13 +137,6 @@ def make_live(module: torch.nn.Module, overwritten: bool) -> bool:
     module.quant_method = live
     _point_kernel_at_weight(module)
     return True
-
-
-def original_loader(loader: Callable | None) -> Callable | None:
-    """``loader`` without vLLM's layer-wise reload wrappers."""
-    while loader is not None and getattr(loader, "__name__", "") == "online_process_loader":
-        loader = loader.__wrapped__
-    return loader
 
 
 def unwrap_loaders(module: torch.nn.Module) -> int:
@@ -190,9 +169,6 @@ class InplaceUpdater:
     """
 
     def __init__(self, engine: Any, live: bool = False) -> None:
-        from sophiavl_mcore.weight_sync.vllm_engine import engine_model, engine_worker
-        from sophiavl_mcore.weight_sync.vllm_repack import Repacker
-
         self.engine = engine
         self.live = live
         self.repacker = Repacker()
@@ -207,8 +183,6 @@ class InplaceUpdater:
     def unsupported_reason(engine: Any) -> str | None:
         """Why ``engine`` cannot be updated in place (None: it can)."""
         try:
-            from sophiavl_mcore.weight_sync.vllm_engine import engine_worker
-
             worker = engine_worker(engine)
         except AttributeError as err:
             return f"not an in-process uni-executor vLLM engine ({err})"
@@ -220,8 +194,6 @@ class InplaceUpdater:
 
     def owner(self, hf_name: str) -> tuple[str, list[str]]:
         """(vLLM module path, HF names that together fill that module's parameter)."""
-        from sophiavl_mcore.weight_sync.vllm_engine import fused_target
-
         if hf_name not in self._owners:
             module_path, _, siblings = fused_target(hf_name, self.mapper, self.packed)
             self._owners[hf_name] = (module_path, siblings)

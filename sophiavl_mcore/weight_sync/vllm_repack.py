@@ -28,7 +28,11 @@ from typing import Any
 
 import torch
 
-from sophiavl_mcore.weight_sync.vllm_engine import packed_kernel_weight
+from sophiavl_mcore.weight_sync.vllm_engine import (
+    original_loader,
+    packed_kernel_weight,
+    weight_reload_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +159,6 @@ def _full_shape(module: torch.nn.Module) -> tuple[int, int]:
 def _staging_param(module: torch.nn.Module) -> torch.Tensor:
     """An empty parameter with vLLM's class and loader attributes for ``module.weight``."""
     from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
-
-    from sophiavl_mcore.weight_sync.vllm_inplace import original_loader, weight_reload_meta
 
     meta = weight_reload_meta(module)
     param = torch.empty(0, dtype=meta.dtype)

@@ -359,9 +359,6 @@ def test_conversion_plan_covers_every_hf_tensor(vl_case):
 
     from sophiavl_mcore.checkpoint.mapping import build_plan
     from sophiavl_mcore.models.hf_config import load_config_json, read_lm_dims
-    from sophiavl_mcore.models.vision import register_vision_conversion
-
-    register_vision_conversion()
     cfg = load_config_json(vl_case / "hf")
     with safe_open(str(vl_case / "hf" / "model.safetensors"), framework="pt") as f:
         on_disk = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}

@@ -85,9 +85,10 @@ def test_every_shipped_recipe_loads(recipe: Path) -> None:
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "examples" / "configs" / "ablations").glob("*.yaml")),
                          ids=lambda p: p.stem)
-def test_ablation_is_the_main_job_with_one_switch(recipe: Path) -> None:
+def test_ablation_is_the_main_job_with_its_switches(recipe: Path) -> None:
     """Paper Table 3 from one recipe: each ablation differs from tiny_cpu.yaml only in
-    its output directory and exactly one Trust-GRPO switch."""
+    its output directory and the Trust-GRPO switches its name says (no_trust_no_annealing
+    flips two, the others one)."""
     from sophiavl_mcore.trainer.setup import GRPOTrainConfig
 
     base = to_dict(load_config(REPO / "examples" / "configs" / "tiny_cpu.yaml", cls=GRPOTrainConfig))
@@ -96,8 +97,11 @@ def test_ablation_is_the_main_job_with_one_switch(recipe: Path) -> None:
     base_switches = base["rewards"].pop("trust_grpo")
     switches = ablation["rewards"].pop("trust_grpo")
     assert ablation == base
-    flipped = [k for k in switches if switches[k] != base_switches[k]]
-    assert len(flipped) == 1 and flipped[0].startswith("use_"), flipped
+    flipped = sorted(k for k in switches if switches[k] != base_switches[k])
+    expected = {"no_trust": ["use_trust"], "no_annealing": ["use_annealing"],
+                "plain_grpo": ["use_thinking"],
+                "no_trust_no_annealing": ["use_annealing", "use_trust"]}[recipe.stem]
+    assert flipped == expected, flipped
 
 
 def test_recipes_exist() -> None:

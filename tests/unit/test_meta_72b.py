@@ -81,13 +81,6 @@ def _proof(name: str) -> dict:
     initialize_parallel(ParallelConfig())
     cfg = json.loads((CONFIGS / name).read_text())
     vl = cfg["model_type"] == "qwen2_5_vl"
-    if vl:
-        try:  # part B's vision tower registers its visual.* rules here when present
-            from sophiavl_mcore.models.vision import register_vision_conversion
-
-            register_vision_conversion()
-        except ImportError:
-            pass
     dims = read_lm_dims(cfg)
     hf = _hf_meta_state(cfg)
     out = {"hf_total": sum(torch.Size(s).numel() for s in hf.values()), "layouts": {}}

@@ -8,7 +8,9 @@ import time
 import pytest
 
 from sophiavl_mcore.rewards import trm_server
-from sophiavl_mcore.rewards.trm_server import LocalTRMConfig, _wait_for_info, launch_id
+from sophiavl_mcore.rewards.config import LocalTRMConfig
+from sophiavl_mcore.rewards.trm_server import _wait_for_info, launch_id
+from sophiavl_mcore.testing.vllm_server import server_env
 
 
 @pytest.fixture
@@ -49,7 +51,7 @@ def test_rank0_failure_reaches_the_other_ranks(tmp_path, launch) -> None:
 def test_server_env_drops_the_launchers_variables(monkeypatch) -> None:
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("MASTER_PORT", "29999")
-    env = trm_server.server_env(threads=3)
+    env = server_env(threads=3)
     assert "RANK" not in env and "MASTER_PORT" not in env and env["OMP_NUM_THREADS"] == "3"
 
 
@@ -69,3 +71,18 @@ def test_tiny_trm_needs_the_observe_task(tmp_path) -> None:
     with pytest.raises(ValueError, match="task.reasoning=observe"):
         trm_server.start_local_trm(LocalTRMConfig(serve=True, tiny=True),
                                    VisualTaskConfig(enabled=True), tmp_path, rank=0)
+
+
+def test_a_multi_node_job_cannot_serve_its_trm_on_localhost(monkeypatch) -> None:
+    from pathlib import Path
+
+    from sophiavl_mcore.config import load_config
+    from sophiavl_mcore.trainer.setup import GRPOTrainConfig
+
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_cpu.yaml"
+    cfg = load_config(recipe, cls=GRPOTrainConfig)
+    assert cfg.rewards.trm.serve  # the main job serves its TRM
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=4, LOCAL_WORLD_SIZE=2.*base_url"):
+        trm_server.serve_trm(cfg)

@@ -20,12 +20,11 @@ from sophiavl_mcore.rewards.thinking import (
     ThinkingRequest,
     ThinkingRewardConfig,
     ThinkingScores,
-    VllmServerThinkingClient,
     build_messages,
     expected_score,
     parse_score,
 )
-from sophiavl_mcore.rewards.trm_http import retry_after_seconds
+from sophiavl_mcore.rewards.trm_http import VllmServerThinkingClient, retry_after_seconds
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -13,8 +13,8 @@ from sophiavl_mcore.rewards.thinking import (
     InProcessThinkingClient,
     ThinkingRequest,
     ThinkingRewardConfig,
-    VllmServerThinkingClient,
 )
+from sophiavl_mcore.rewards.trm_http import VllmServerThinkingClient
 from sophiavl_mcore.testing.tiny_models import make_test_image
 
 CHOICE_VALUES = np.array([float(c) for c in SCORE_CHOICES], dtype=np.float32)
