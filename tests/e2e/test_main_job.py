@@ -113,7 +113,11 @@ def test_thinking_reward_is_a_separate_model_and_not_constant(main_job) -> None:
         assert a.shape == b.shape and not np.allclose(a, b), policy_dir
     with pytest.raises(ProcessLookupError):  # the job stopped its server
         os.kill(int(info["pid"]), 0)
-    assert all(s["reward/trm_failures"] == 0 for s in steps)
+    # The server answers: at most 1% of the run's thinking requests may fail (a failure
+    # costs only that score, but a dead or unreachable server would show here).
+    failed = sum(s["reward/trm_failures"] for s in steps)
+    asked = sum(s["reward/thinking_scored_frac"] * s["rollout/responses"] for s in steps)
+    assert failed <= 0.01 * (asked + failed), (failed, asked)
     # Not constant: spread at every step where it scored two or more replies.
     checked = 0
     for s in steps:
