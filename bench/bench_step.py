@@ -21,8 +21,9 @@ Peak RSS: the largest VmHWM of any one process of the run (sampled every 0.2 s f
 
 What differs, and which way it leans:
 * Reward: ours is the main job's Trust-GRPO — outcome reward (``score_outcomes``) plus the
-  thinking reward, which grades every response with a second pass on the rollout engine
-  (``rewards.thinking.backend=in_process``); TRL's reward is ``score_outcomes`` alone. Leans
+  thinking reward, graded here with a second pass on the rollout engine
+  (``rewards.thinking.backend=in_process``; the main job asks its separate TRM server, a
+  third process this bench leaves out); TRL's reward is ``score_outcomes`` alone. Leans
   toward TRL by ours' ``reward`` phase (``--plain`` sets ``rewards.trust_grpo.use_thinking=false``
   for the like-for-like reward).
 * Ours also syncs weights into the vLLM engine(s) each step (``weight_sync``) and exchanges
@@ -112,6 +113,8 @@ def ours(work: Path, steps: int, rtp: int, plain: bool, tag: str, timeout: float
            "train.log_samples_every=0", "export_hf=false", "checkpoint.dir="]
     if plain:
         cmd.append("rewards.trust_grpo.use_thinking=false")
+    else:  # the TRM pass on the policy's own engine, not the main job's separate TRM server
+        cmd += ["rewards.trm.serve=false", "rewards.thinking.backend=in_process"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     peaks = run_watched(cmd, env, work / f"{tag}.log", timeout)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

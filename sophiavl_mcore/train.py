@@ -51,7 +51,13 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     from sophiavl_mcore.logging import MetricsWriter, console_line
     from sophiavl_mcore.trainer.build import build_trainer
     from sophiavl_mcore.trainer.grpo_trainer import seed_everything
-    from sophiavl_mcore.trainer.metrics import CONSOLE_KEYS, PhaseTimer, log_step, reward_metrics
+    from sophiavl_mcore.trainer.metrics import (
+        CONSOLE_KEYS,
+        PhaseTimer,
+        log_step,
+        reward_metrics,
+        step_perf,
+    )
     from sophiavl_mcore.trainer.preemption import PreemptionWatcher, write_run_state
     from sophiavl_mcore.trainer.sampling import collect_groups
     from sophiavl_mcore.trainer.setup import val_path
@@ -87,6 +93,7 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
                                           scalars.true_quality))
             metrics.update(rollout_metrics(scalars, trainer.layout))
             metrics.update(timer.metrics())
+            metrics.update(step_perf(metrics, trainer.layout.world))
             if cfg.train.val_every and (step % cfg.train.val_every == 0 or step == total) and val_records:
                 metrics.update(evaluate(trainer, val_records))
             log_step(writer, step, metrics, scalars, scalars.trust, cfg.train.log_samples_every,

@@ -361,8 +361,9 @@ def grpo_train_step(
         step's response tokens), ``train/response_tokens``, ``train/logprob_mismatch``
         / ``train/logprob_mismatch_max`` (mean / max |old − rollout log-prob| over
         response tokens; NaN without rollout log-probs), ``train/grad_norm`` (before clipping), ``train/lr``,
-        ``train/update_ok``, ``perf/tokens_per_s`` (prompt + response tokens of the global
-        batch per second of this call), ``perf/step_time_s``.
+        ``train/update_ok``, ``train/input_tokens`` (prompt + response tokens of the
+        global batch), ``perf/train_tokens_per_s`` (those per second of this call — the
+        update phase only) and ``perf/train_time_s``.
     """
     start = time.perf_counter()
     _check_train_inputs(model, batch, loss_cfg)
@@ -411,7 +412,8 @@ def grpo_train_step(
         "train/grad_norm": result.grad_norm,
         "train/lr": result.lr,
         "train/update_ok": float(result.update_successful),
-        "perf/tokens_per_s": inputs / elapsed,
-        "perf/step_time_s": elapsed,
+        "train/input_tokens": inputs,
+        "perf/train_tokens_per_s": inputs / elapsed,
+        "perf/train_time_s": elapsed,
     })
     return out

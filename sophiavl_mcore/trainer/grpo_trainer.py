@@ -261,6 +261,7 @@ def merge_update_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
         out[key] = max(s[key] for s in steps)
     out["train/lr"] = steps[-1]["train/lr"]
     out["train/response_tokens"] = float(sum(s["train/response_tokens"] for s in steps))
+    out["train/input_tokens"] = float(sum(s["train/input_tokens"] for s in steps))
     out["train/updates"] = float(len(steps))
     return out
 

@@ -15,6 +15,24 @@ CONSOLE_KEYS = ("reward/outcome_mean", "reward/thinking_mean", "reward/total_mea
                 "timing/step_s")
 
 
+def step_perf(metrics: dict[str, float], world: int) -> dict[str, float]:
+    """Throughput over the whole step's wall time (``timing/step_s``, every phase):
+    ``perf/tokens_per_s`` — prompt + response tokens trained this step (all ranks) per
+    second; ``perf/tokens_per_s_per_rank`` — the same over ``world`` ranks;
+    ``perf/rollout_tokens_per_s`` — tokens all engines generated per second of the
+    rollout phase. The update phase alone is ``perf/train_tokens_per_s``."""
+    step_s = metrics.get("timing/step_s", 0.0)
+    out: dict[str, float] = {}
+    if step_s > 0 and "train/input_tokens" in metrics:
+        out["perf/tokens_per_s"] = metrics["train/input_tokens"] / step_s
+        out["perf/tokens_per_s_per_rank"] = out["perf/tokens_per_s"] / world
+    rollout_s = metrics.get("timing/rollout_s", 0.0)
+    if rollout_s > 0 and "rollout/response_len_mean" in metrics:
+        generated = metrics["rollout/response_len_mean"] * metrics.get("rollout/responses", 0.0)
+        out["perf/rollout_tokens_per_s"] = generated / rollout_s
+    return out
+
+
 class PhaseTimer:
     """Wall-clock seconds per named phase of one step (``timing/<phase>_s``)."""
 

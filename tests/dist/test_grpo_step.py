@@ -251,7 +251,7 @@ def test_grpo_logprobs_and_step_agree_across_layouts(grpo_case, dist_launch):
     base = steps["tp1dp2"]
     report.append("step loss: " + ", ".join(f"{n}={s['train/loss']:.8f}" for n, s in steps.items()))
     report.append("grad norm: " + ", ".join(f"{n}={s['train/grad_norm']:.8f}" for n, s in steps.items()))
-    report.append("step tokens/s: " + ", ".join(f"{n}={s['perf/tokens_per_s']:.0f}" for n, s in steps.items()))
+    report.append("step tokens/s: " + ", ".join(f"{n}={s['perf/train_tokens_per_s']:.0f}" for n, s in steps.items()))
     for name in ("tp2", "pp2"):
         assert abs(steps[name]["train/loss"] - base["train/loss"]) <= 1e-5, report[-3]
         assert abs(steps[name]["train/grad_norm"] - base["train/grad_norm"]) <= 1e-5 * base["train/grad_norm"], report[-2]

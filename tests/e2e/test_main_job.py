@@ -55,6 +55,7 @@ def test_tensorboard_has_the_step_metrics(main_job) -> None:
         "reward/advantage_mean", "reward/advantage_std", "reward/trm_failures",
         "train/kl", "train/entropy", "train/clip_fraction", "train/logprob_mismatch",
         "train/grad_norm", "rollout/response_len_mean", "perf/tokens_per_s",
+        "perf/tokens_per_s_per_rank", "perf/rollout_tokens_per_s", "perf/train_tokens_per_s",
         "reward/accuracy_well_formed", "rollout/answer_top_frac", "rollout/answer_distinct",
         "timing/rollout_s", "timing/reward_s", "timing/exchange_s", "timing/ref_logprobs_s",
         "timing/train_s", "timing/weight_sync_s", "timing/step_s",
@@ -72,6 +73,8 @@ def test_tensorboard_has_the_step_metrics(main_job) -> None:
     assert "val/accuracy" in tags
     # one update per rollout: the ratio comes from the training forward, no extra pass
     assert "timing/old_logprobs_s" not in tags
+    # perf/ over the whole step is below the update phase's own rate
+    assert all(s["perf/tokens_per_s"] < s["perf/train_tokens_per_s"] for s in main_job["steps"])
 
 
 @pytest.mark.slow
