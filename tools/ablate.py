@@ -25,7 +25,6 @@ policy's replies at the end (oracle, last 5 steps) on each.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -175,25 +174,24 @@ def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
     img.save(path)
 
 
-def start_shared_trm(recipe: Path, overrides: Sequence[str]):
-    """The recipe's tiny TRM (built if needed) on one server for every run; returns the
-    server and the overrides that point a run at it."""
+def start_shared_trm(recipe: Path, overrides: Sequence[str], out: Path):
+    """The recipe's TRM on one server for every run, started the way a training job starts
+    its own (``start_local_trm``: the tiny TRM built if needed, ``<out>/trm/server.json``,
+    held-out agreement on first health). Returns the handle and the overrides that point
+    a run at it (None, [] when the recipe serves no TRM)."""
     from sophiavl_mcore.config import load_config
-    from sophiavl_mcore.rewards.trm_server import make_server
-    from sophiavl_mcore.testing.tiny_trm import ensure_agreement, ensure_tiny_trm
+    from sophiavl_mcore.rewards.trm_server import start_local_trm
     from sophiavl_mcore.trainer.setup import GRPOTrainConfig
 
     cfg = load_config(recipe, overrides, cls=GRPOTrainConfig)
-    if not cfg.rewards.trm.serve:
+    trm = start_local_trm(cfg.rewards.trm, cfg.task, out, 0, cfg.rewards.thinking)
+    if trm is None:
         return None, []
-    entry = ensure_tiny_trm(cfg.rewards.trm, cfg.task, cfg.rewards.thinking)
-    server = make_server(entry / "hf", entry / "serve-ablate.log", cfg.rewards.trm).start()
-    server.wait_healthy(cfg.rewards.trm.startup_timeout_s)
-    ensure_agreement(entry, dataclasses.replace(cfg.rewards.thinking, base_url=server.base_url,
-                                               model=server.served_name))
-    return server, ["rewards.trm.serve=false", "rewards.thinking.backend=http",
-                    f"rewards.thinking.base_url={server.base_url}",
-                    f"rewards.thinking.model={server.served_name}"]
+    trm.wait_healthy()
+    thinking = trm.thinking_config(cfg.rewards.thinking)
+    return trm, ["rewards.trm.serve=false", "rewards.thinking.backend=http",
+                 f"rewards.thinking.base_url={thinking.base_url}",
+                 f"rewards.thinking.model={thinking.model}"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = Path(args.recipe).resolve()
-    server, shared = start_shared_trm(recipe, args.overrides)
+    server, shared = start_shared_trm(recipe, args.overrides, out)
     curves: dict[str, dict[int, list[dict]]] = {}
     try:
         for seed in args.seeds:

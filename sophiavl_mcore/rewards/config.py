@@ -23,8 +23,9 @@ class LocalTRMConfig:
             :mod:`sophiavl_mcore.testing.tiny_trm`). Needs ``task.reasoning: observe``.
         tiny_recipe: the ``trm_train`` recipe the tiny TRM is trained with (relative
             paths: to the repository root).
-        tiny_records: images in the tiny TRM's training set (4 reasonings each).
-        tiny_heldout: held-out images (4 reasonings each) for its agreement figures.
+        tiny_records: images in the tiny TRM's training set (3 anchors and 8 graded
+            replies each, :data:`~sophiavl_mcore.testing.tiny_trm.SAMPLES_PER_IMAGE`).
+        tiny_heldout: held-out images (4 graded replies each) for its agreement figures.
         cache_dir: where the tiny TRM is cached ("" = ``$SOPHIAVL_CACHE`` or
             ``~/.cache/sophiavl_mcore``).
         startup_timeout_s: how long the server may take to answer ``/health``.

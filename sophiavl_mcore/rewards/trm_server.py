@@ -35,6 +35,7 @@ from sophiavl_mcore.rewards.config import LocalTRMConfig
 
 logger = logging.getLogger(__name__)
 
+
 def launch_id() -> str:
     """Identifies one torchrun launch (the same on every rank of it)."""
     keys = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")

@@ -30,10 +30,10 @@ _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
                  "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS")
 
 
-def server_env(base: dict[str, str] | None = None, threads: int | None = None) -> dict[str, str]:
-    """The environment for a server or job started from inside a rank: the launcher's
-    variables removed, ``OMP_NUM_THREADS`` = all cores unless given."""
-    env = {k: v for k, v in (base or os.environ).items() if k not in _LAUNCHER_ENV}
+def server_env(threads: int | None = None) -> dict[str, str]:
+    """The environment for a server or job started from inside a rank: this process's
+    without the launcher's variables, ``OMP_NUM_THREADS`` = all cores unless given."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
     env["OMP_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
     return env
 
