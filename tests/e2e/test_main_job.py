@@ -181,7 +181,7 @@ def test_dry_run_prints_layout_without_building(tmp_path, capfd) -> None:
     err = capfd.readouterr().err
     recipe = yaml.safe_load(RECIPE.read_text())
     per_step = recipe["train"]["prompts_per_step"] * recipe["rollout"]["sampling"]["n"]
-    assert "tp=2 pp=1 dp=1" in err and f"{per_step} responses/step" in err
+    assert "tp=1 pp=1 dp=2" in err and f"{per_step} responses/step" in err
     assert not (tmp_path / "tiny_model").exists()
 
 
