@@ -7,7 +7,8 @@
 Same Megatron stack as GRPO (TP × PP × DP, Megatron optimizer, PP schedule). At the end
 the trained weights are saved as per-rank Megatron shards (``output_dir/mcore``) and
 exported to HF (``output_dir/hf``) with tokenizer and processor files, ready for
-``vllm serve output_dir/hf``. Metrics go to TensorBoard (``output_dir/tb``), a console
+``vllm serve output_dir/hf``; both directories are written atomically
+(:func:`sophiavl_mcore.checkpoint.hf.export_hf`). Metrics go to TensorBoard (``output_dir/tb``), a console
 line, and ``output_dir/metrics.jsonl`` (rank 0).
 """
 

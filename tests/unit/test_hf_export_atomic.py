@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from sophiavl_mcore.checkpoint import StreamingWriter, convert_hf_to_mcore, rank_file, read_meta
