@@ -147,12 +147,12 @@ def _logprob_change(ddp, share, before: list[torch.Tensor]) -> list[float]:
 
 
 def _layout(rank: int, root: Path, name: str, tp: int, pp: int) -> dict:
+    from sophiavl_mcore.checkpoint.hf import export_hf, load_hf_weights
     from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
     from sophiavl_mcore.trainer.loss import GRPOLossConfig
     from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer, wrap_ddp
     from sophiavl_mcore.trainer.reference_model import ReferenceModel
-    from sophiavl_mcore.trainer.sft import load_hf_weights, save_and_export
 
     model_dir = root / "tiny_vl"
     raw = torch.load(root / "case.pt", weights_only=True)["batch"]
@@ -191,7 +191,7 @@ def _layout(rank: int, root: Path, name: str, tp: int, pp: int) -> dict:
     out["step"] = grpo_train_step(ddp, optimizer, scheduler, share, loss_cfg, MICRO_BATCH,
                                   TEMPERATURE)
     out["step_change"] = _max_change(model, before)
-    save_and_export(model, info, meta, root / name)
+    export_hf(model, root / name / "hf", model_meta=meta, mcore_dir=root / name / "mcore")
 
     if name == "tp2":  # (d) sign check; the reference stays where it was
         out["delta"] = _logprob_change(ddp, share, old.logprobs)
