@@ -50,7 +50,7 @@ def _hf_reference(model_dir: Path, batch: dict) -> dict:
     """Per-sample, unpadded full-vocabulary log-probs and entropies from transformers."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from sophiavl_mcore.trainer.reference import full_vocab_logprobs_entropy
+    from sophiavl_mcore.trainer.oracle import full_vocab_logprobs_entropy
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     image_token = hf.config.image_token_id
