@@ -2,7 +2,7 @@
 
 Order matters on CPU: rank 0 builds the colocated vLLM engine *before* any trainer
 process group exists and releases vLLM's one-rank default group
-(:func:`~sophiavl_mcore.weight_sync.vllm_engine.release_engine_default_group`); only
+(:func:`~sophiavl_mcore.weight_sync.vllm_access.release_engine_default_group`); only
 then does :func:`~sophiavl_mcore.parallel.initialize_parallel` create the trainer's
 world. Files rank 0 writes before that (tiny model, synthetic task) are read by the
 other ranks after the world exists.
