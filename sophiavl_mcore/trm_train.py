@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from sophiavl_mcore.config import to_dict
-from sophiavl_mcore.data.images import ImageConfig
+from sophiavl_mcore.data.config import ImageConfig
 from sophiavl_mcore.parallel import ParallelConfig
 from sophiavl_mcore.trainer.optim import OptimConfig
 from sophiavl_mcore.trainer.sft import SFTConfig

@@ -41,10 +41,11 @@ from typing import Any
 
 import numpy as np
 
+from sophiavl_mcore.data.config import DataConfig
 from sophiavl_mcore.data.errors import RecordError
 from sophiavl_mcore.data.schema import check_problem_type
 
-__all__ = ["DATA_TYPES", "DataConfig", "DataSourceConfig", "MixedSampler", "Record", "RecordError",
+__all__ = ["DATA_TYPES", "MixedSampler", "Record", "RecordError",
            "build_sampler", "check_unique_ids", "load_records", "read_raw_records",
            "validate_record"]
 
@@ -52,33 +53,6 @@ logger = logging.getLogger(__name__)
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 DATA_TYPES: tuple[str, ...] = ("image", "text")
-
-
-@dataclasses.dataclass
-class DataSourceConfig:
-    """One data file and how much of each epoch it supplies."""
-
-    path: str = ""
-    image_root: str = ""  # default: the directory of ``path``
-    weight: float = 1.0
-    name: str = ""  # default: the file name without suffix
-
-
-@dataclasses.dataclass
-class DataConfig:
-    """Record sources and the sampler's order (prompt/image settings live beside it)."""
-
-    sources: list[DataSourceConfig] = dataclasses.field(default_factory=list)
-    seed: int = 1234
-    shuffle: bool = True
-    epoch_size: int = 0  # 0: the sum of the sources' sizes
-
-    def __post_init__(self) -> None:
-        if self.epoch_size < 0:
-            raise ValueError(f"data.epoch_size must be >= 0 (0 = sum of sources), got {self.epoch_size}")
-        for i, src in enumerate(self.sources):
-            if not (src.weight > 0):
-                raise ValueError(f"data.sources[{i}] ({src.path!r}): weight must be > 0, got {src.weight}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,10 +18,13 @@ from typing import Any, Literal
 
 import torch
 
-from sophiavl_mcore.data.images import ImageConfig
-from sophiavl_mcore.data.prompts import PromptConfig
-from sophiavl_mcore.data.records import DataConfig, DataSourceConfig
-from sophiavl_mcore.data.visual_task import VisualTaskConfig
+from sophiavl_mcore.data.config import (
+    DataConfig,
+    DataSourceConfig,
+    ImageConfig,
+    PromptConfig,
+    VisualTaskConfig,
+)
 from sophiavl_mcore.parallel import ParallelConfig
 from sophiavl_mcore.rewards.config import RewardsConfig
 from sophiavl_mcore.rollout.config import RolloutConfig

@@ -199,7 +199,7 @@ def test_collate_shifts_labels_and_mask():
 
 
 def test_image_config_follows_the_served_processor(sft_case):
-    from sophiavl_mcore.data.images import ImageConfig
+    from sophiavl_mcore.data.config import ImageConfig
     from sophiavl_mcore.trainer.sft_data import image_config_for
 
     # build_tiny_qwen2_5_vl's processor: min 28*28*4, max 28*28*16 pixels

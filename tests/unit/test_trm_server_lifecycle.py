@@ -66,7 +66,7 @@ def test_config_errors(kwargs, match) -> None:
 
 
 def test_tiny_trm_needs_the_observe_task(tmp_path) -> None:
-    from sophiavl_mcore.data.visual_task import VisualTaskConfig
+    from sophiavl_mcore.data.config import VisualTaskConfig
 
     with pytest.raises(ValueError, match="task.reasoning=observe"):
         trm_server.start_local_trm(LocalTRMConfig(serve=True, tiny=True),
