@@ -65,7 +65,7 @@ class TRMDataConfig:
 
     def thinking_config(self) -> Any:
         """The client settings that shape the prompt (everything else: defaults)."""
-        from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
+        from sophiavl_mcore.rewards.config import ThinkingRewardConfig
 
         extra = {} if self.system_prompt is None else {"system_prompt": self.system_prompt}
         return ThinkingRewardConfig(max_reasoning_chars=self.max_reasoning_chars,

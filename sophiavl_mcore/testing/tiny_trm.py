@@ -73,7 +73,7 @@ def prompt_settings(thinking: Any) -> dict[str, str]:
 def cache_key(cfg: Any, task: Any, thinking: Any) -> str:
     """sha256 over everything the trained TRM depends on (module docstring)."""
     from sophiavl_mcore.data import dots_reasoning
-    from sophiavl_mcore.rewards.thinking import load_prompt_template
+    from sophiavl_mcore.rewards.config import load_prompt_template
 
     parts = {
         "version": VERSION, "recipe": _recipe(cfg).read_text(), "records": cfg.tiny_records,

@@ -45,7 +45,8 @@ from sophiavl_mcore.data.config import ImageConfig, PromptConfig
 from sophiavl_mcore.data.images import ImageLoader
 from sophiavl_mcore.data.prompts import IMAGE_PAD, build_prompt, expand_image_tokens
 from sophiavl_mcore.data.records import Record, RecordError, read_raw_records
-from sophiavl_mcore.rewards.thinking import ThinkingRequest, ThinkingRewardConfig, build_messages
+from sophiavl_mcore.rewards.config import ThinkingRewardConfig
+from sophiavl_mcore.rewards.thinking import ThinkingRequest, build_messages
 from sophiavl_mcore.trainer.sft import SFTExample
 
 logger = logging.getLogger(__name__)

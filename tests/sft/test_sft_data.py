@@ -99,10 +99,10 @@ def test_bad_images_are_skipped_and_counted(tmp_path, sft_case, tokenizer):
 
 def test_trm_example_matches_client_prompt_and_parses(sft_case, tokenizer, builder):
     from sophiavl_mcore.data.prompts import expand_image_tokens
+    from sophiavl_mcore.rewards.config import ThinkingRewardConfig
     from sophiavl_mcore.rewards.thinking import (
         INSTRUCTION,
         ThinkingRequest,
-        ThinkingRewardConfig,
         build_messages,
         parse_score,
     )
@@ -130,7 +130,7 @@ def test_trm_example_matches_client_prompt_and_parses(sft_case, tokenizer, build
 
 
 def test_long_reasoning_is_truncated_like_the_client(tmp_path, builder):
-    from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
+    from sophiavl_mcore.rewards.config import ThinkingRewardConfig
     from sophiavl_mcore.trainer.sft_data import load_thinking_records
 
     tail = "THE-END-OF-THE-REASONING"

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sophiavl_mcore import _C
+from sophiavl_mcore.rewards.config import TrustGRPOConfig
 from sophiavl_mcore.rewards.oracle import group_advantages_oracle, trust_grpo_oracle
 from sophiavl_mcore.rewards.trust_grpo import (
-    TrustGRPOConfig,
     TrustGRPOResult,
     group_advantages,
     resolve_groups,
