@@ -37,7 +37,7 @@ import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -50,6 +50,8 @@ __all__ = ["DATA_TYPES", "MixedSampler", "Record", "RecordError",
            "validate_record"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 DATA_TYPES: tuple[str, ...] = ("image", "text")
@@ -284,8 +286,13 @@ def _shares(total: int, weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
-class MixedSampler:
+class MixedSampler(Generic[T]):
     """Deterministic, resumable order over several record lists mixed by weight.
+
+    The items may be any records (GRPO's :class:`Record`, ``trm_train``'s thinking
+    records, plain indices); one source without weights is a plain epoch order: each
+    epoch visits every item once (``shuffle=False``: in file order, which a curriculum
+    relies on).
 
     ``next_batch(n)`` returns the next ``n`` records, crossing epoch boundaries.
     ``state_dict()`` is the position; a sampler given it via ``load_state_dict`` (and the
@@ -295,7 +302,7 @@ class MixedSampler:
 
     def __init__(
         self,
-        sources: Sequence[Sequence[Record]],
+        sources: Sequence[Sequence[T]],
         weights: Sequence[float] | None = None,
         seed: int = 1234,
         epoch_size: int = 0,
@@ -345,9 +352,9 @@ class MixedSampler:
 
     # -- iteration -----------------------------------------------------------
 
-    def next_batch(self, n: int) -> list[Record]:
+    def next_batch(self, n: int) -> list[T]:
         """The next ``n`` records (the epoch advances when it runs out)."""
-        out: list[Record] = []
+        out: list[T] = []
         while len(out) < n:
             order = self.epoch_order()
             take = order[self.index : self.index + (n - len(out))]
@@ -359,7 +366,7 @@ class MixedSampler:
                 self._order = None
         return out
 
-    def __iter__(self) -> Iterator[Record]:
+    def __iter__(self) -> Iterator[T]:
         while True:
             yield self.next_batch(1)[0]
 
@@ -394,7 +401,7 @@ class MixedSampler:
         self._order = None
 
 
-def build_sampler(cfg: DataConfig) -> MixedSampler:
+def build_sampler(cfg: DataConfig) -> MixedSampler[Record]:
     """Load every configured source and mix them."""
     if not cfg.sources:
         raise ValueError("data.sources is empty: name at least one .json/.jsonl/.parquet file")

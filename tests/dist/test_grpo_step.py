@@ -149,8 +149,9 @@ def _logprob_change(ddp, share, before: list[torch.Tensor]) -> list[float]:
 def _layout(rank: int, root: Path, name: str, tp: int, pp: int) -> dict:
     from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
-    from sophiavl_mcore.trainer.loss import GRPOLossConfig
-    from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer, wrap_ddp
+    from sophiavl_mcore.trainer.config import GRPOLossConfig
+    from sophiavl_mcore.trainer.config import OptimConfig
+    from sophiavl_mcore.trainer.optim import build_optimizer, wrap_ddp
     from sophiavl_mcore.trainer.reference_model import ReferenceModel
     from sophiavl_mcore.trainer.sft import load_hf_weights, save_and_export
 

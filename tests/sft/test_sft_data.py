@@ -209,9 +209,7 @@ def test_image_config_follows_the_served_processor(sft_case):
 
 def test_configs_fail_early_with_numbers(tmp_path):
     from sophiavl_mcore.config import ConfigError, load_config
-    from sophiavl_mcore.trainer.optim import OptimConfig
-    from sophiavl_mcore.trainer.sft import SFTConfig
-    from sophiavl_mcore.trm_train import TRMTrainConfig
+    from sophiavl_mcore.trainer.config import OptimConfig, SFTConfig, TRMTrainConfig
 
     with pytest.raises(ValueError, match=r"need 0 <= min_lr=0.5 <= lr=0.1"):
         OptimConfig(lr=0.1, min_lr=0.5)
