@@ -80,7 +80,7 @@ def _timed_rounds(
 def _patchify_kernels(loader: object, paths: list[str], repeats: int) -> tuple[float, float]:
     """Median seconds of the C++ kernel and of the torch reference on the same resized
     images, into preallocated output (no page faults: the kernels alone)."""
-    from sophiavl_mcore.data.images import normalize_patchify_cpu, normalize_patchify_into
+    from sophiavl_mcore.data.patchify import normalize_patchify_cpu, normalize_patchify_into
 
     batch = loader.load(paths)
     images = [im for im in batch.images if im is not None]
@@ -114,7 +114,8 @@ def main() -> None:
 
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from sophiavl_mcore.data.images import ImageConfig, ImageLoader
+    from sophiavl_mcore.data.config import ImageConfig
+    from sophiavl_mcore.data.images import ImageLoader
     from sophiavl_mcore.data.synthetic import write_jpegs
 
     rng = np.random.default_rng(args.seed)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sophiavl_mcore.rewards.config import TrustGRPOConfig
 from sophiavl_mcore.rewards.outcome import (
     OutcomeSample,
     math_verify_equal,
@@ -32,7 +33,7 @@ from sophiavl_mcore.rewards.outcome import (
     solution_answer,
 )
 from sophiavl_mcore.rewards.text_metrics import batch_rouge, batch_wer
-from sophiavl_mcore.rewards.trust_grpo import TrustGRPOConfig, group_advantages, trust_grpo
+from sophiavl_mcore.rewards.trust_grpo import group_advantages, trust_grpo
 
 TYPES = ("free-form", "OCR", "numerical", "multiple choice")
 STEMS = ["run", "jump", "calculat", "measur", "observ", "connect", "generat", "reason", "triangl",

@@ -82,7 +82,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
+    from sophiavl_mcore.rewards.config import ThinkingRewardConfig
     from sophiavl_mcore.rewards.trm_http import VllmServerThinkingClient
     from sophiavl_mcore.testing.vllm_server import VllmServer
 

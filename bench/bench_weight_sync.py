@@ -122,7 +122,7 @@ def _spot_check(sync, model, layers: int) -> float:
     """Max |engine - trainer| over the first and last layer's tensors and the
     non-layer ones: a packed kernel is read back by an identity GEMM (K^2 N flops per
     layer, too slow for the whole model on CPU)."""
-    from sophiavl_mcore.weight_sync.vllm_engine import VllmReadBack, engine_model
+    from sophiavl_mcore.weight_sync.vllm_access import VllmReadBack, engine_model
 
     keep = (".layers.0.", f".layers.{layers - 1}.")
     reader = VllmReadBack(engine_model(sync.engine), sync.plan.hf_specs())
@@ -145,7 +145,7 @@ def _gemm_slowdown(engine, rows: int, repeats: int = 5) -> float:
     import torch
     from vllm import _custom_ops as ops
 
-    from sophiavl_mcore.weight_sync.vllm_engine import engine_model
+    from sophiavl_mcore.weight_sync.vllm_access import engine_model
 
     layers = [m for m in engine_model(engine).modules()
               if hasattr(m, "cpu_linear") and hasattr(m, "output_size_per_partition")]
@@ -166,7 +166,7 @@ def _onednn_repack_seconds(engine) -> float:
     import torch
     from vllm import _custom_ops as ops
 
-    from sophiavl_mcore.weight_sync.vllm_engine import engine_model
+    from sophiavl_mcore.weight_sync.vllm_access import engine_model
 
     shapes = [(m.output_size_per_partition, m.input_size_per_partition)
               for m in engine_model(engine).modules()
@@ -233,7 +233,7 @@ def _single_process(args) -> None:
     from sophiavl_mcore.rollout import RolloutConfig, SamplingConfig
     from sophiavl_mcore.rollout.vllm_engine import VllmRolloutEngine
     from sophiavl_mcore.weight_sync import MegatronWeightSync, WeightSyncConfig
-    from sophiavl_mcore.weight_sync.vllm_engine import (
+    from sophiavl_mcore.weight_sync.vllm_access import (
         close_colocated_engine,
         engine_model,
         release_engine_default_group,

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from sophiavl_mcore.data.prompts import build_messages
     from sophiavl_mcore.data.records import load_records
     from sophiavl_mcore.rewards.outcome import OutcomeSample, score_outcomes
-    from sophiavl_mcore.trainer.setup import GRPOTrainConfig, model_dir, prepare_files
+    from sophiavl_mcore.trainer.config import GRPOTrainConfig
+    from sophiavl_mcore.trainer.setup import model_dir, prepare_files
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "examples/configs/tiny_cpu.yaml", [f"output_dir={args.work}"], cls=GRPOTrainConfig)

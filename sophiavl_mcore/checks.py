@@ -17,3 +17,10 @@ def check_real(name: str, value: object, *, minimum: float | None = None,
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     if below is not None and value >= below:
         raise ValueError(f"{name} must be < {below}, got {value!r}")
+
+
+def check_int(name: str, value: object) -> int:
+    """Raise ValueError unless ``value`` is an integer (not a bool); returns it as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return int(value)

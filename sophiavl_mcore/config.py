@@ -5,9 +5,12 @@ the command line are applied on top. Unknown keys and ill-typed values fail befo
 anything is built, naming the dotted key, the value and what was expected. A recipe may
 start from another with ``base: other.yaml`` (a path relative to the recipe).
 
-Sections are dataclasses owned by the module that uses them (rewards, models, ...); a
-job's top-level config composes them (``trainer.setup.GRPOTrainConfig`` for GRPO,
-``trm_train.TRMTrainConfig`` for TRM fine-tuning) and is passed as ``cls``.
+Sections are dataclasses owned by the package that uses them, each in that package's
+``config`` module (``data.config``, ``rewards.config``, ...); a job's top-level config
+composes them (``trainer.config.GRPOTrainConfig`` for GRPO, ``TRMTrainConfig`` for TRM
+fine-tuning) and is passed as ``cls``. A dataclass may name keys it used to have in a
+``RENAMED_KEYS`` class attribute (``{old: new}``): such a key is refused with a message
+naming the new one.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    moved = [k for k in unknown if k in renamed]
+    if moved:
+        raise ConfigError("; ".join(f"{_join(where, k)} is now {_join(where, renamed[k])}: "
+                                    "rename the key in the recipe / override" for k in moved))
     if unknown:
         raise ConfigError(
             f"unknown key(s) {', '.join(_join(where, k) for k in unknown)}; "

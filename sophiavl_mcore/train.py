@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sophiavl_mcore.config import to_dict
-from sophiavl_mcore.trainer.setup import GRPOTrainConfig, check_world, model_dims
+from sophiavl_mcore.trainer.config import GRPOTrainConfig
+from sophiavl_mcore.trainer.setup import check_world, model_dims
 
 logger = logging.getLogger(__name__)
 

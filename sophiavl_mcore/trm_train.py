@@ -19,106 +19,15 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 
 from sophiavl_mcore.config import to_dict
-from sophiavl_mcore.data.images import ImageConfig
-from sophiavl_mcore.parallel import ParallelConfig
-from sophiavl_mcore.trainer.optim import OptimConfig
-from sophiavl_mcore.trainer.sft import SFTConfig
+from sophiavl_mcore.data.records import MixedSampler
+from sophiavl_mcore.trainer.config import TRMTrainConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class SFTModelConfig:
-    """The model to fine-tune (an HF Qwen2.5-VL checkpoint dir) and how to hold it."""
-
-    hf_dir: str = ""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    vocab_divisible_by: int = 1
-    freeze_vision: bool = False
-
-
-@dataclasses.dataclass
-class TRMDataConfig:
-    """SophiaVL-R1-Thinking records; ``image_root`` defaults to the file's directory.
-
-    The prompt is the TRM client's (:func:`~sophiavl_mcore.rewards.thinking.build_messages`):
-    ``prompt_template`` / ``system_prompt`` are passed to it as they are (empty / None =
-    the client's defaults), so serve the trained model with the same two settings
-    (``rewards.thinking.prompt_template`` / ``system_prompt``).
-    """
-
-    path: str = ""
-    image_root: str = ""
-    seed: int = 1234
-    shuffle: bool = True
-    max_reasoning_chars: int = 12000  # as the TRM client truncates at inference
-    prompt_template: str = ""
-    system_prompt: str | None = None
-
-    def __post_init__(self) -> None:
-        self.thinking_config()  # a template that cannot be read fails here, named
-
-    def thinking_config(self) -> Any:
-        """The client settings that shape the prompt (everything else: defaults)."""
-        from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
-
-        extra = {} if self.system_prompt is None else {"system_prompt": self.system_prompt}
-        return ThinkingRewardConfig(max_reasoning_chars=self.max_reasoning_chars,
-                                    prompt_template=self.prompt_template, **extra)
-
-
-@dataclasses.dataclass
-class TRMTrainConfig:
-    """Everything ``trm_train`` reads; unknown keys are errors (see :mod:`sophiavl_mcore.config`)."""
-
-    model: SFTModelConfig = dataclasses.field(default_factory=SFTModelConfig)
-    data: TRMDataConfig = dataclasses.field(default_factory=TRMDataConfig)
-    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
-    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
-    output_dir: str = ""
-    export_hf: bool = True
-
-    def __post_init__(self) -> None:
-        missing = [k for k, v in (("model.hf_dir", self.model.hf_dir), ("data.path", self.data.path),
-                                  ("output_dir", self.output_dir)) if not v]
-        if missing:
-            raise ValueError(f"trm_train: {', '.join(missing)} must be set")
-        from sophiavl_mcore.trainer.optim import check_schedule
-
-        check_schedule(self.optim, self.sft.train_steps)
-
-
-class RecordSampler:
-    """Deterministic epochs of shuffled record indices; the same order on every rank."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-
-    def next(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._make_order()
-            take = min(k - len(out), self.n - self.pos)
-            out.extend(int(i) for i in self._order[self.pos:self.pos + take])
-            self.pos += take
-        return out
 
 
 @dataclasses.dataclass
@@ -155,7 +64,7 @@ def build_run(cfg: TRMTrainConfig) -> TRMRun:
     records = load_thinking_records(cfg.data.path, cfg.data.image_root or None)
     dims = read_lm_dims(cfg.model.hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
-    builder = ExampleBuilder(tokenizer, image_config_for(cfg.model.hf_dir, cfg.image),
+    builder = ExampleBuilder(tokenizer, image_config_for(cfg.model.hf_dir, cfg.images),
                              cfg.sft.max_seq_len)
     thinking = cfg.data.thinking_config()
 
@@ -165,13 +74,21 @@ def build_run(cfg: TRMTrainConfig) -> TRMRun:
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     model = build_qwen2_5_vl(cfg.model.hf_dir, info, dtype=dtype,
                              vision=VisionOptions(freeze=cfg.model.freeze_vision),
-                             vocab_divisible_by=cfg.model.vocab_divisible_by)
+                             vocab_divisible_by=cfg.model.vocab_divisible_by,
+                             **cfg.model.transformer_overrides())
     meta = load_hf_weights(model, cfg.model.hf_dir, info, cfg.model.vocab_divisible_by)
     ddp = wrap_ddp(model, cfg.optim)
     optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.sft.train_steps)
     trainer = SFTTrainer(ddp, optimizer, scheduler, cfg.sft, cfg.optim, builder.pad_id,
                          info.device)
     return TRMRun(info, model, trainer, builder, records, thinking, meta)
+
+
+def record_order(cfg: TRMTrainConfig, num_records: int) -> MixedSampler[int]:
+    """Record indices in training order, the same on every rank: the data package's
+    sampler over one source (``data.shuffle=false`` keeps file order, the curriculum
+    order of ``trm_dots_tiny.yaml``)."""
+    return MixedSampler([range(num_records)], seed=cfg.data.seed, shuffle=cfg.data.shuffle)
 
 
 def local_examples(run: TRMRun, record_ids: Sequence[int]) -> list[Any]:
@@ -198,11 +115,11 @@ def train(cfg: TRMTrainConfig) -> list[dict[str, float]]:
     out.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(out / "tb", rank=run.info.rank)
     history: list[dict[str, float]] = []
-    sampler = RecordSampler(len(run.records), cfg.data.seed, cfg.data.shuffle)
+    sampler = record_order(cfg, len(run.records))
     first_batch: list[int] = []
     metrics_file = (out / "metrics.jsonl").open("w") if run.info.rank == 0 else None
     for step in range(1, cfg.sft.train_steps + 1):
-        ids = sampler.next(cfg.sft.global_batch_size)
+        ids = sampler.next_batch(cfg.sft.global_batch_size)
         first_batch = first_batch or ids
         metrics = run.trainer.step(local_examples(run, ids))
         metrics.update(run.builder.metrics())

@@ -51,7 +51,8 @@ from sophiavl_mcore.checkpoint.st_io import (
     open_safetensors,
 )
 from sophiavl_mcore.models.hf_config import load_config_json, read_lm_dims
-from sophiavl_mcore.parallel.layout import ParallelConfig, validate_layout
+from sophiavl_mcore.parallel.config import ParallelConfig
+from sophiavl_mcore.parallel.layout import validate_layout
 
 logger = logging.getLogger(__name__)
 

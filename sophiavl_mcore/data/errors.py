@@ -1,7 +1,8 @@
-"""The one exception type for bad training data.
+"""The exception types for bad training data: :class:`RecordError` for records,
+:class:`ImageSkip` for an image a sample has to do without.
 
-It lives in its own module (no imports) so that every loader and the record schema
-(``data.schema``, whose ``ProblemTypeError`` subclasses it) raise one type.
+They live in their own module (no imports) so that every loader and the record schema
+(``data.schema``, whose ``ProblemTypeError`` subclasses ``RecordError``) raise one type.
 """
 
 from __future__ import annotations
@@ -10,3 +11,17 @@ from __future__ import annotations
 class RecordError(ValueError):
     """A record or data file that does not follow the schema; the message names the file,
     the record (line or index, and problem_id) and the field, with what was expected."""
+
+
+SKIP_REASONS: tuple[str, ...] = (
+    "missing", "empty", "unreadable", "truncated", "too_large", "too_small", "aspect_ratio",
+    "decode_error",
+)
+
+
+class ImageSkip(Exception):
+    """An image that cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -21,16 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from sophiavl_mcore.data.images import (
-    SKIP_REASONS,
-    ImageBatch,
-    ImageConfig,
-    ImageLoader,
-    ImageSkip,
-    _ppm,
-    prepare_image,
-    resize_uint8,
-)
+from sophiavl_mcore.data.config import ImageConfig
+from sophiavl_mcore.data.errors import SKIP_REASONS, ImageSkip
+from sophiavl_mcore.data.images import ImageBatch, ImageLoader, _ppm, prepare_image, resize_uint8
 
 logger = logging.getLogger(__name__)
 

@@ -14,60 +14,15 @@ once per merged patch, which :func:`expand_image_tokens` does.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from sophiavl_mcore.data.config import PromptConfig
 from sophiavl_mcore.data.records import Record
-from sophiavl_mcore.data.schema import PROBLEM_TYPES
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
-
-_DEFAULT_SYSTEM = (
-    "You are a helpful assistant. For every question, first reason about it step by step "
-    "and write that reasoning inside <think> </think> tags, then give the final answer "
-    "inside <answer> </answer> tags, i.e. <think> reasoning here </think><answer> answer "
-    "here </answer>."
-)
-_DEFAULT_QUESTION = (
-    "{question}\nThink the problem through carefully, checking each step, before you "
-    "answer. Put the reasoning between <think> and </think> and the final answer between "
-    "<answer> and </answer>."
-)
-_DEFAULT_TYPE_INSTRUCTIONS = {
-    "multiple choice": " Answer with the letter of the correct option only (e.g. A, B, C or D) inside <answer> </answer>.",
-    "numerical": " Answer with the number only (e.g. 42 or 3.14) inside <answer> </answer>.",
-    "OCR": " Transcribe the requested text exactly and put it inside <answer> </answer>.",
-    "free-form": " Put your final answer as plain text inside <answer> </answer>.",
-}
-
-
-@dataclasses.dataclass
-class PromptConfig:
-    """Texts of the prompt; ``{question}`` in the template is replaced by the question."""
-
-    system_prompt: str = _DEFAULT_SYSTEM
-    question_template: str = _DEFAULT_QUESTION
-    type_instructions: dict[str, str] = dataclasses.field(
-        default_factory=lambda: dict(_DEFAULT_TYPE_INSTRUCTIONS)
-    )
-    option_letters: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-    def __post_init__(self) -> None:
-        if "{question}" not in self.question_template:
-            raise ValueError(
-                f"prompt.question_template must contain '{{question}}', got {self.question_template!r}"
-            )
-        unknown = sorted(set(self.type_instructions) - set(PROBLEM_TYPES))
-        missing = sorted(set(PROBLEM_TYPES) - set(self.type_instructions))
-        if unknown or missing:
-            raise ValueError(
-                f"prompt.type_instructions must have exactly the keys {list(PROBLEM_TYPES)}; "
-                f"unknown {unknown}, missing {missing}"
-            )
-
 
 def _has_letter_prefix(option: str) -> bool:
     """True if the option text already starts with its letter, as in 'A. cat' or '(B) dog'."""

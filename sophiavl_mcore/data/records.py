@@ -37,48 +37,24 @@ import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from sophiavl_mcore.data.config import DataConfig
 from sophiavl_mcore.data.errors import RecordError
 from sophiavl_mcore.data.schema import check_problem_type
 
-__all__ = ["DATA_TYPES", "DataConfig", "DataSourceConfig", "MixedSampler", "Record", "RecordError",
+__all__ = ["DATA_TYPES", "MixedSampler", "Record", "RecordError",
            "build_sampler", "check_unique_ids", "load_records", "read_raw_records",
            "validate_record"]
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 DATA_TYPES: tuple[str, ...] = ("image", "text")
-
-
-@dataclasses.dataclass
-class DataSourceConfig:
-    """One data file and how much of each epoch it supplies."""
-
-    path: str = ""
-    image_root: str = ""  # default: the directory of ``path``
-    weight: float = 1.0
-    name: str = ""  # default: the file name without suffix
-
-
-@dataclasses.dataclass
-class DataConfig:
-    """Record sources and the sampler's order (prompt/image settings live beside it)."""
-
-    sources: list[DataSourceConfig] = dataclasses.field(default_factory=list)
-    seed: int = 1234
-    shuffle: bool = True
-    epoch_size: int = 0  # 0: the sum of the sources' sizes
-
-    def __post_init__(self) -> None:
-        if self.epoch_size < 0:
-            raise ValueError(f"data.epoch_size must be >= 0 (0 = sum of sources), got {self.epoch_size}")
-        for i, src in enumerate(self.sources):
-            if not (src.weight > 0):
-                raise ValueError(f"data.sources[{i}] ({src.path!r}): weight must be > 0, got {src.weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,8 +286,13 @@ def _shares(total: int, weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
-class MixedSampler:
+class MixedSampler(Generic[T]):
     """Deterministic, resumable order over several record lists mixed by weight.
+
+    The items may be any records (GRPO's :class:`Record`, ``trm_train``'s thinking
+    records, plain indices); one source without weights is a plain epoch order: each
+    epoch visits every item once (``shuffle=False``: in file order, which a curriculum
+    relies on).
 
     ``next_batch(n)`` returns the next ``n`` records, crossing epoch boundaries.
     ``state_dict()`` is the position; a sampler given it via ``load_state_dict`` (and the
@@ -321,7 +302,7 @@ class MixedSampler:
 
     def __init__(
         self,
-        sources: Sequence[Sequence[Record]],
+        sources: Sequence[Sequence[T]],
         weights: Sequence[float] | None = None,
         seed: int = 1234,
         epoch_size: int = 0,
@@ -371,9 +352,9 @@ class MixedSampler:
 
     # -- iteration -----------------------------------------------------------
 
-    def next_batch(self, n: int) -> list[Record]:
+    def next_batch(self, n: int) -> list[T]:
         """The next ``n`` records (the epoch advances when it runs out)."""
-        out: list[Record] = []
+        out: list[T] = []
         while len(out) < n:
             order = self.epoch_order()
             take = order[self.index : self.index + (n - len(out))]
@@ -385,7 +366,7 @@ class MixedSampler:
                 self._order = None
         return out
 
-    def __iter__(self) -> Iterator[Record]:
+    def __iter__(self) -> Iterator[T]:
         while True:
             yield self.next_batch(1)[0]
 
@@ -420,7 +401,7 @@ class MixedSampler:
         self._order = None
 
 
-def build_sampler(cfg: DataConfig) -> MixedSampler:
+def build_sampler(cfg: DataConfig) -> MixedSampler[Record]:
     """Load every configured source and mix them."""
     if not cfg.sources:
         raise ValueError("data.sources is empty: name at least one .json/.jsonl/.parquet file")

@@ -23,11 +23,11 @@ import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sophiavl_mcore.data.config import VisualTaskConfig
 from sophiavl_mcore.data.dots_reasoning import (
     CLEAN_SOURCE,
     HACKED_QUESTION,
@@ -36,53 +36,6 @@ from sophiavl_mcore.data.dots_reasoning import (
     warm_start_reasoning,
 )
 from sophiavl_mcore.data.records import Record
-
-
-@dataclasses.dataclass
-class VisualTaskConfig:
-    """The synthetic dots task (sizes in pixels).
-
-    Attributes:
-        enabled: generate the task into ``<output_dir>/task`` and train on it (replaces
-            ``data.sources``).
-        num_train / num_val: records in the train / held-out split.
-        max_count: answers are 1 … max_count.
-        image_size: square image side; 56 gives a 2×2 grid of merged vision tokens.
-        radius: disc radius.
-        seed: generator seed (train and val use disjoint streams).
-        reasoning: "free" — the warm start writes ``warm_start.reasoning`` verbatim;
-            "observe" — it writes ``N dots`` with N = the (random) answer, the reasoning
-            the tiny TRM grades (:mod:`~sophiavl_mcore.data.dots_reasoning`).
-        hacked_frac: share of records in the ``dots_hacked`` source (own random stream:
-            the images do not depend on it).
-    """
-
-    enabled: bool = False
-    num_train: int = 256
-    num_val: int = 32
-    max_count: int = 4
-    image_size: int = 56
-    radius: int = 6
-    seed: int = 7
-    reasoning: Literal["free", "observe"] = "free"
-    hacked_frac: float = 0.0
-
-    def __post_init__(self) -> None:
-        errors = []
-        if self.num_train < 1 or self.num_val < 0:
-            errors.append(f"num_train={self.num_train} must be >= 1 and num_val={self.num_val} >= 0")
-        if not 1 <= self.max_count <= 9:
-            errors.append(f"max_count={self.max_count} must be in [1, 9]")
-        if self.radius < 1 or self.image_size < 4 * self.radius:
-            errors.append(f"image_size={self.image_size} must be >= 4 * radius={self.radius} (radius >= 1)")
-        cells = (self.image_size // (2 * self.radius + 2)) ** 2
-        if cells < self.max_count:
-            errors.append(f"image_size={self.image_size} with radius={self.radius} fits {cells} "
-                          f"dots, fewer than max_count={self.max_count}")
-        if not 0.0 <= self.hacked_frac <= 1.0:
-            errors.append(f"hacked_frac={self.hacked_frac} must be in [0, 1]")
-        if errors:
-            raise ValueError("task: " + "; ".join(errors))
 
 
 def render_dots(count: int, cfg: VisualTaskConfig, rng: np.random.Generator) -> Image.Image:

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import torch
 
-from sophiavl_mcore.parallel.layout import LayoutError, ParallelConfig, stage_layer_counts
+from sophiavl_mcore.parallel.config import LayoutError, ParallelConfig
+from sophiavl_mcore.parallel.layout import stage_layer_counts
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_5_vl", "qwen2_vl", "qwen2_5_vl_text", "qwen2_vl_text")
 

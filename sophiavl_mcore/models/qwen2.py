@@ -30,8 +30,8 @@ from sophiavl_mcore.models.hf_config import (
     read_lm_dims,
 )
 from sophiavl_mcore.models.specs import layer_spec, te_available
+from sophiavl_mcore.parallel.config import ParallelConfig
 from sophiavl_mcore.parallel.init import ParallelInfo
-from sophiavl_mcore.parallel.layout import ParallelConfig
 
 logger = logging.getLogger(__name__)
 

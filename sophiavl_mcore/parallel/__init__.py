@@ -8,10 +8,9 @@ Public API::
     cpu_compat.apply() / cpu_compat.remove()
 """
 
+from sophiavl_mcore.parallel.config import LayoutError, ParallelConfig
 from sophiavl_mcore.parallel.init import ParallelInfo, destroy_parallel, initialize_parallel
 from sophiavl_mcore.parallel.layout import (
-    LayoutError,
-    ParallelConfig,
     stage_layer_counts,
     stage_layer_offsets,
     validate_layout,

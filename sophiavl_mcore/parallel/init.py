@@ -11,12 +11,8 @@ import socket
 import torch
 
 from sophiavl_mcore.parallel import cpu_compat
-from sophiavl_mcore.parallel.layout import (
-    LayoutError,
-    ParallelConfig,
-    stage_layer_counts,
-    validate_layout,
-)
+from sophiavl_mcore.parallel.config import LayoutError, ParallelConfig
+from sophiavl_mcore.parallel.layout import stage_layer_counts, validate_layout
 
 logger = logging.getLogger(__name__)
 

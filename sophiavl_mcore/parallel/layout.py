@@ -1,4 +1,4 @@
-"""Parallel layout configuration and validation (no torch.distributed needed).
+"""Parallel layout validation (no torch.distributed needed).
 
 A layout is TP × PP × DP = world size. Everything here is pure arithmetic so that it can
 run before any process group or tensor exists (``tools/plan``, the 72B meta proof, and
@@ -7,55 +7,9 @@ run before any process group or tensor exists (``tools/plan``, the 72B meta proo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Literal
 
-
-class LayoutError(ValueError):
-    """An impossible parallel layout; the message carries every number involved."""
-
-
-@dataclasses.dataclass
-class ParallelConfig:
-    """Model-parallel layout. The one source of defaults for the ``parallel`` section.
-
-    Attributes:
-        tp: tensor-parallel size (heads, query groups and FFN are split ``tp`` ways).
-        pp: pipeline-parallel size (decoder layers split across ``pp`` stages).
-        dp: data-parallel size; ``None`` derives it as world_size / (tp * pp), an
-            integer given here must match that exactly.
-        sequence_parallel: Megatron sequence parallelism (GPU only; needs tp > 1).
-        backend: ``auto`` picks NCCL when CUDA is available, otherwise gloo.
-        layers_per_stage: explicit decoder-layer count per pipeline stage (length pp,
-            sum = num_layers); ``None`` splits evenly (num_layers % pp must be 0).
-        seed: base seed for the model-parallel RNG streams.
-        timeout_minutes: collective timeout.
-    """
-
-    tp: int = 1
-    pp: int = 1
-    dp: int | None = None
-    sequence_parallel: bool = False
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    layers_per_stage: list[int] | None = None
-    seed: int = 1234
-    timeout_minutes: int = 30
-
-    def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise LayoutError(f"parallel.{name} must be an integer >= 1, got {value!r}")
-        if self.dp is not None and self.dp < 1:
-            raise LayoutError(f"parallel.dp must be >= 1 or null (derived), got {self.dp}")
-        if self.sequence_parallel and self.tp == 1:
-            raise LayoutError("parallel.sequence_parallel=true needs tp > 1, got tp=1")
-        if self.layers_per_stage is not None and len(self.layers_per_stage) != self.pp:
-            raise LayoutError(
-                f"parallel.layers_per_stage has {len(self.layers_per_stage)} entries "
-                f"{list(self.layers_per_stage)} but pp={self.pp}"
-            )
+from sophiavl_mcore.parallel.config import LayoutError, ParallelConfig
 
 
 def stage_layer_counts(

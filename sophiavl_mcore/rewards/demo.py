@@ -15,7 +15,6 @@ keys under ``rewards.``, e.g. ``rewards.trust_grpo.use_trust=false``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from sophiavl_mcore.config import apply_overrides, from_dict, read_recipe
-from sophiavl_mcore.rewards.config import RewardsConfig
+from sophiavl_mcore.rewards.config import DemoConfig, RewardsConfig
 from sophiavl_mcore.rewards.outcome import OutcomeSample, score_outcomes
 from sophiavl_mcore.rewards.trust_grpo import group_advantages, trust_grpo
 
@@ -72,13 +71,6 @@ def build_samples() -> tuple[list[OutcomeSample], np.ndarray]:
             samples.append(OutcomeSample(problem_type, solution, text, options))
             thinking.append(np.nan if score is None else score)
     return samples, np.asarray(thinking, dtype=np.float64)
-
-
-@dataclasses.dataclass
-class DemoConfig:
-    """The demo reads only the reward section (defaults ← recipe ← overrides)."""
-
-    rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
 
 
 def rewards_from(recipe: str | Path | None, overrides: Sequence[str] = ()) -> RewardsConfig:

@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from sophiavl_mcore.rewards.config import ThinkingRewardConfig
 from sophiavl_mcore.rewards.thinking import (
     SCORE_REGEX,
     ThinkingRequest,
     ThinkingRewardClient,
-    ThinkingRewardConfig,
     ThinkingScores,
     _Failure,
     _score_from_reply,

@@ -133,7 +133,7 @@ def start_local_trm(cfg: LocalTRMConfig, task: Any, output_dir: str | Path, rank
         return LocalTRM(_wait_for_info(info_path, cfg.startup_timeout_s + 3600))
     info_path.parent.mkdir(parents=True, exist_ok=True)
     if thinking is None:
-        from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
+        from sophiavl_mcore.rewards.config import ThinkingRewardConfig
 
         thinking = ThinkingRewardConfig()
     tiny_dir = None

@@ -34,17 +34,16 @@ Faithful modes (how the published code differs from the paper; defaults: the pap
 from __future__ import annotations
 
 import logging
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from sophiavl_mcore import _C
-from sophiavl_mcore.checks import check_real
+from sophiavl_mcore.checks import check_int
+from sophiavl_mcore.rewards.config import TrustGRPOConfig
 
 __all__ = [
-    "TrustGRPOConfig",
     "TrustGRPOResult",
     "group_advantages",
     "needs_thinking_score",
@@ -54,62 +53,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrustGRPOConfig:
-    """Trust-GRPO and advantage settings (defaults: the paper's).
-
-    Attributes:
-        alpha: weight α of the thinking reward (paper: 0.3).
-        correct_threshold: a response is correct iff its outcome reward ≥ this.
-        use_trust: γ from the correct/wrong contrast (False ⇒ γ = 1).
-        use_annealing: multiply by e^(−step/T) (False ⇒ 1).
-        use_thinking: add the thinking reward at all (False ⇒ plain GRPO, R = R^o).
-        unpaired_gamma: γ of a group lacking scored correct or scored wrong members.
-        adv_eps: ε in (R − mean) / (std + ε).
-        scale_by_std: divide by the group std (False ⇒ Dr.GRPO, R − mean).
-        std_ddof: 1 = unbiased std (torch.std, as in verl/TRL), 0 = population std.
-        thinking_min_outcome: R^t is kept only where R^o ≥ this, else 0 (None = all kept;
-            published code: 0.2).
-        skip_uniform_groups: no thinking reward in groups whose outcomes are all ≥
-            ``skip_high`` or all ≤ ``skip_low`` (published code: True with 0.9 / 0.1).
-        annealing_steps: T of e^(−step/T) in optimizer steps (None = total steps).
-    """
-
-    alpha: float = 0.3
-    correct_threshold: float = 0.5
-    use_trust: bool = True
-    use_annealing: bool = True
-    use_thinking: bool = True
-    unpaired_gamma: float = 1.0
-    adv_eps: float = 1e-6
-    scale_by_std: bool = True
-    std_ddof: int = 1
-    thinking_min_outcome: float | None = None
-    skip_uniform_groups: bool = False
-    skip_high: float = 0.9
-    skip_low: float = 0.1
-    annealing_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        check_real("alpha", self.alpha, minimum=0.0)
-        check_real("correct_threshold", self.correct_threshold)
-        check_real("skip_high", self.skip_high)
-        check_real("skip_low", self.skip_low)
-        if self.thinking_min_outcome is not None:
-            check_real("thinking_min_outcome", self.thinking_min_outcome)
-        if self.annealing_steps is not None and (
-                _check_int("annealing_steps", self.annealing_steps) <= 0):
-            raise ValueError(f"annealing_steps must be > 0 or None, got {self.annealing_steps}")
-        check_real("unpaired_gamma", self.unpaired_gamma, minimum=0.0)
-        check_real("adv_eps", self.adv_eps, minimum=0.0)
-        for name in ("use_trust", "use_annealing", "use_thinking", "scale_by_std",
-                     "skip_uniform_groups"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.std_ddof not in (0, 1) or isinstance(self.std_ddof, bool):
-            raise ValueError(f"std_ddof must be 0 or 1, got {self.std_ddof!r}")
 
 
 @dataclass
@@ -135,12 +78,6 @@ class TrustGRPOResult:
     num_groups: int
     skipped: np.ndarray | None = None
     thinking: np.ndarray | None = None
-
-
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    return int(value)
 
 
 def _as_1d(values: ArrayLike, name: str, dtype: type) -> np.ndarray:
@@ -176,12 +113,12 @@ def resolve_groups(
     if (group_ids is None) == (group_size is None):
         raise ValueError("pass exactly one of group_ids and group_size")
     if group_size is not None:
-        k = _check_int("group_size", group_size)
+        k = check_int("group_size", group_size)
         if k <= 0:
             raise ValueError(f"group_size must be > 0, got {k}")
         if n % k != 0:
             raise ValueError(f"the number of responses {n} is not a multiple of group_size {k}")
-        if num_groups is not None and _check_int("num_groups", num_groups) != n // k:
+        if num_groups is not None and check_int("num_groups", num_groups) != n // k:
             raise ValueError(
                 f"num_groups={num_groups} disagrees with {n} responses / group_size {k}"
             )
@@ -192,7 +129,7 @@ def resolve_groups(
     if num_groups is None:
         num_groups = int(ids.max()) + 1 if n else 0
     else:
-        num_groups = _check_int("num_groups", num_groups)
+        num_groups = check_int("num_groups", num_groups)
         if num_groups < 0:
             raise ValueError(f"num_groups must be >= 0, got {num_groups}")
     return ids, max(num_groups, 0)
@@ -234,8 +171,8 @@ def trust_grpo(
         if len(think) != n:
             raise ValueError(f"thinking has length {len(think)} but outcome has length {n}")
     ids, groups = resolve_groups(n, group_ids, group_size, num_groups)
-    step = _check_int("step", step)
-    total_steps = _check_int("total_steps", total_steps)
+    step = check_int("step", step)
+    total_steps = check_int("total_steps", total_steps)
     if cfg.thinking_min_outcome is not None:  # published code: low outcomes get R^t = 0
         think = np.where(out >= cfg.thinking_min_outcome, think, 0.0)
     horizon = cfg.annealing_steps if cfg.annealing_steps is not None else total_steps

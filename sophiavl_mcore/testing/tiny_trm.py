@@ -73,7 +73,7 @@ def prompt_settings(thinking: Any) -> dict[str, str]:
 def cache_key(cfg: Any, task: Any, thinking: Any) -> str:
     """sha256 over everything the trained TRM depends on (module docstring)."""
     from sophiavl_mcore.data import dots_reasoning
-    from sophiavl_mcore.rewards.thinking import load_prompt_template
+    from sophiavl_mcore.rewards.config import load_prompt_template
 
     parts = {
         "version": VERSION, "recipe": _recipe(cfg).read_text(), "records": cfg.tiny_records,
@@ -115,7 +115,7 @@ def _train(work: Path, cfg: Any, data: Path, thinking: Any) -> Path:
     from sophiavl_mcore.testing.multiproc import free_port
     from sophiavl_mcore.testing.tiny_models import TinyModelSpec, build_tiny_qwen2_5_vl
     from sophiavl_mcore.testing.vllm_server import server_env
-    from sophiavl_mcore.trm_train import TRMTrainConfig
+    from sophiavl_mcore.trainer.config import TRMTrainConfig
 
     base = build_tiny_qwen2_5_vl(work / "base", TinyModelSpec(num_kv_heads=2, seed=TRM_SEED))
     # The run's own settings as a recipe on top of the tiny TRM's (YAML quotes the prompt).
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sophiavl_mcore.config import load_config
     from sophiavl_mcore.logging import setup_logging
     from sophiavl_mcore.testing.vllm_server import VllmServer
-    from sophiavl_mcore.trainer.setup import GRPOTrainConfig
+    from sophiavl_mcore.trainer.config import GRPOTrainConfig
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))

@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 from sophiavl_mcore.parallel.host import init_host_group
 from sophiavl_mcore.rollout.layout import EngineLayout, check_engine_layout
+from sophiavl_mcore.trainer.config import GRPOTrainConfig
 from sophiavl_mcore.trainer.grpo_trainer import GRPOTrainer
 from sophiavl_mcore.trainer.setup import (
-    GRPOTrainConfig,
     check_world,
     model_config,
     model_dims,
@@ -159,8 +159,9 @@ def warm_start(cfg: GRPOTrainConfig, info: Any, ddp: Any, tokenizer: Any, image_
     """SFT on formatted examples (answers uniform at random when configured). Uses a
     throw-away copy of the sampler so GRPO sees the data from its beginning."""
     from sophiavl_mcore.data.visual_task import uniform_answer_records, warm_start_reasoning_for
-    from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer
-    from sophiavl_mcore.trainer.sft import SFTConfig, SFTTrainer, shard_for_dp
+    from sophiavl_mcore.trainer.config import OptimConfig, SFTConfig
+    from sophiavl_mcore.trainer.optim import build_optimizer
+    from sophiavl_mcore.trainer.sft import SFTTrainer, shard_for_dp
     from sophiavl_mcore.trainer.sft_data import ExampleBuilder
 
     ws = cfg.warm_start

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sophiavl_mcore.trainer.config import GRPOLossConfig
 from sophiavl_mcore.trainer.logprobs import DEFAULT_CHUNK_SIZE, vocab_parallel_logprobs_and_entropy
-from sophiavl_mcore.trainer.loss import GRPOLossConfig, grpo_loss
+from sophiavl_mcore.trainer.loss import grpo_loss
 from sophiavl_mcore.trainer.optim import optimizer_step
 from sophiavl_mcore.trainer.rollout_batch import (
     MicroBatch,
@@ -50,38 +51,11 @@ from sophiavl_mcore.trainer.rollout_batch import (
     unwrap_model,
 )
 
-__all__ = ["GRPOStepConfig", "TokenLogProbs", "compute_logprobs", "grpo_train_step"]
+__all__ = ["TokenLogProbs", "compute_logprobs", "grpo_train_step"]
 
 # grpo_loss metrics averaged over response tokens (weighted by each micro-batch's count)
 _MEAN_KEYS = ("train/pg_loss", "train/kl", "train/entropy", "train/clip_fraction",
               "train/ratio_mean", "train/approx_kl_old")
-
-
-@dataclasses.dataclass
-class GRPOStepConfig:
-    """Micro-batching of the log-prob passes and the update (one source of defaults).
-
-    Attributes:
-        micro_batch_size: responses per forward/backward on one rank.
-        temperature: sampling temperature of the rollout (log-probs are of
-            ``softmax(logits / T)``, as vLLM samples); must equal the engine's.
-        pad_to_multiple_of: micro-batch length is rounded up to this.
-        logprob_chunk_size: token positions per fp32 chunk in the vocab-parallel softmax.
-    """
-
-    micro_batch_size: int = 4
-    temperature: float = 1.0
-    pad_to_multiple_of: int = 8
-    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE
-
-    def __post_init__(self) -> None:
-        errors = [f"{name}={getattr(self, name)} must be >= 1"
-                  for name in ("micro_batch_size", "pad_to_multiple_of", "logprob_chunk_size")
-                  if getattr(self, name) < 1]
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            errors.append(f"temperature={self.temperature} must be a finite number > 0")
-        if errors:
-            raise ValueError("grpo_step: " + "; ".join(errors))
 
 
 @dataclasses.dataclass

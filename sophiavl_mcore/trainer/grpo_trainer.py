@@ -28,7 +28,8 @@ from sophiavl_mcore.rewards.stage import GroupScores, score_groups
 from sophiavl_mcore.rollout.exchange import plan_transfers, redistribute
 from sophiavl_mcore.rollout.interface import RolloutRequest
 from sophiavl_mcore.rollout.layout import EngineLayout
-from sophiavl_mcore.trainer.setup import GRPOTrainConfig, model_dir
+from sophiavl_mcore.trainer.config import GRPOTrainConfig
+from sophiavl_mcore.trainer.setup import model_dir
 from sophiavl_mcore.trainer.step_data import (
     EngineRollout,
     StepScalars,

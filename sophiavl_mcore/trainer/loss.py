@@ -38,71 +38,18 @@ padding cannot reach the loss or its gradient.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
 
 import torch
 
-from sophiavl_mcore.checks import check_real
+from sophiavl_mcore.trainer.config import check_loss_settings
 
 __all__ = [
-    "AGGREGATIONS",
     "LOG_RATIO_CLAMP",
-    "GRPOLossConfig",
     "grpo_loss",
     "loss_normalizers",
 ]
 
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 LOG_RATIO_CLAMP = 20.0
-
-
-def _validate(clip_eps_low: float, clip_eps_high: float, kl_coef: float,
-              entropy_coef: float, aggregation: str, kl_max: float) -> None:
-    # ε_low < 1 keeps the lower clip bound 1 − ε_low a positive ratio.
-    check_real("clip_eps_low", clip_eps_low, minimum=0.0, below=1.0)
-    check_real("clip_eps_high", clip_eps_high, minimum=0.0)
-    check_real("kl_coef", kl_coef, minimum=0.0)
-    check_real("entropy_coef", entropy_coef, minimum=0.0)
-    check_real("kl_max", kl_max)
-    if kl_max <= 0:
-        raise ValueError(f"kl_max must be > 0, got {kl_max!r}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {list(AGGREGATIONS)}, got {aggregation!r}")
-
-
-@dataclass
-class GRPOLossConfig:
-    """GRPO loss settings (defaults: SophiaVL-R1 / the GRPO paper).
-
-    Attributes:
-        clip_eps_low: ε_low, lower clip bound 1 − ε_low on the ratio (0 ≤ ε_low < 1).
-        clip_eps_high: ε_high, upper clip bound 1 + ε_high (DAPO's clip-higher: > ε_low).
-        kl_coef: β, weight of the k3 KL penalty to the reference (paper 0.04; 0 = off).
-        entropy_coef: weight of the entropy bonus (0 = off).
-        aggregation: one of ``AGGREGATIONS`` (paper: token-mean).
-        kl_max: upper clamp of the per-token k3 value (nats).
-    """
-
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    kl_coef: float = 0.04
-    entropy_coef: float = 0.0
-    aggregation: Aggregation = "token-mean"
-    kl_max: float = 10.0
-
-    def __post_init__(self) -> None:
-        _validate(self.clip_eps_low, self.clip_eps_high, self.kl_coef, self.entropy_coef,
-                  self.aggregation, self.kl_max)
-
-    def loss_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`grpo_loss` from this config."""
-        return {
-            "clip_eps_low": self.clip_eps_low, "clip_eps_high": self.clip_eps_high,
-            "kl_coef": self.kl_coef, "entropy_coef": self.entropy_coef,
-            "aggregation": self.aggregation, "kl_max": self.kl_max,
-        }
 
 
 def loss_normalizers(response_mask: torch.Tensor) -> torch.Tensor:
@@ -216,7 +163,7 @@ def grpo_loss(
         ``train/approx_kl_old`` (k3 of KL(old‖current)), and ``train/response_tokens``
         (the count, to weight these means across micro-batches).
     """
-    _validate(clip_eps_low, clip_eps_high, kl_coef, entropy_coef, aggregation, kl_max)
+    check_loss_settings(clip_eps_low, clip_eps_high, kl_coef, entropy_coef, aggregation, kl_max)
     named = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs,
              "response_mask": response_mask, "entropy": entropy}
     _check_shapes(logprobs, named, advantages)

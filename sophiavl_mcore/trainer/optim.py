@@ -2,7 +2,7 @@
 
 Public API::
 
-    OptimConfig                                   the ``optim`` section (one source of defaults)
+    (the ``optim`` section, ``OptimConfig``, and its schedule checks are in ``trainer.config``)
     wrap_ddp(model, cfg) -> DistributedDataParallel
     build_optimizer(ddp_chunks, cfg, total_steps) -> (MegatronOptimizer, OptimizerParamScheduler)
     optimizer_step(optimizer, scheduler, clip_grad) -> StepResult
@@ -34,9 +34,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
+
+from sophiavl_mcore.trainer.config import OptimConfig, check_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -48,68 +50,6 @@ _OPTIMIZER_MODULES = (
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer_param_scheduler",
 )
-
-
-@dataclasses.dataclass
-class OptimConfig:
-    """Megatron's Adam (or SGD) + LR schedule. ``lr`` is the peak; steps count updates.
-
-    Attributes:
-        optimizer: ``adam`` (AdamW) or ``sgd`` (with ``sgd_momentum``). SGD moves each
-            weight in proportion to its gradient, where Adam moves every weight with a
-            non-zero gradient by about ``lr``: for tiny models at large learning rates
-            that difference decides whether updates stay on the few weights that carry
-            the reward signal.
-        lr: peak learning rate (after warmup).
-        min_lr: floor of the decay (cosine / linear end at ``min_lr``).
-        weight_decay: decoupled (AdamW) weight decay; Megatron skips biases and norms.
-        adam_beta1, adam_beta2, adam_eps: Adam moments.
-        clip_grad: global L2 gradient-norm clip; 0 disables clipping.
-        warmup_steps: linear warmup from 0 to ``lr`` over this many updates.
-        decay_style: ``cosine`` / ``linear`` to ``min_lr`` after warmup, or ``constant``.
-        decay_steps: updates over which the LR decays (warmup included, Megatron's
-            convention); 0 = the run's total steps.
-        use_distributed_optimizer: shard optimizer state over data-parallel ranks.
-    """
-
-    optimizer: Literal["adam", "sgd"] = "adam"
-    sgd_momentum: float = 0.9
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    decay_steps: int = 0
-    use_distributed_optimizer: bool = False
-
-    def __post_init__(self) -> None:
-        errors = []
-        if not self.lr > 0:
-            errors.append(f"lr={self.lr} must be > 0")
-        if not 0 <= self.min_lr <= self.lr:
-            errors.append(f"need 0 <= min_lr={self.min_lr} <= lr={self.lr}")
-        if self.weight_decay < 0:
-            errors.append(f"weight_decay={self.weight_decay} must be >= 0")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                errors.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if not 0 <= self.sgd_momentum < 1:
-            errors.append(f"sgd_momentum={self.sgd_momentum} must be in [0, 1)")
-        if not self.adam_eps > 0:
-            errors.append(f"adam_eps={self.adam_eps} must be > 0")
-        if self.clip_grad < 0:
-            errors.append(f"clip_grad={self.clip_grad} must be >= 0 (0 disables)")
-        if self.warmup_steps < 0 or self.decay_steps < 0:
-            errors.append(f"warmup_steps={self.warmup_steps} and decay_steps={self.decay_steps} "
-                          "must be >= 0")
-        if self.decay_steps and self.warmup_steps >= self.decay_steps:
-            errors.append(f"warmup_steps={self.warmup_steps} must be < decay_steps={self.decay_steps}")
-        if errors:
-            raise ValueError("optim: " + "; ".join(errors))
 
 
 @dataclasses.dataclass
@@ -131,30 +71,6 @@ def _register_cpu_compat() -> None:
     if _cpu_mode():
         for name in _OPTIMIZER_MODULES:
             cpu_compat.register_module(name)
-
-
-def decay_horizon(cfg: OptimConfig, total_steps: int) -> int:
-    """Updates over which the LR decays: ``decay_steps``, else the run's ``total_steps``.
-
-    A ``constant`` schedule without ``decay_steps`` never decays, so its horizon only has
-    to clear the warmup (Megatron's scheduler asserts warmup < horizon): a short debug
-    run of a recipe with a 10-step warmup then simply ends while still warming up.
-    """
-    if cfg.decay_steps:
-        return cfg.decay_steps
-    if cfg.decay_style == "constant":
-        return max(total_steps, cfg.warmup_steps + 1)
-    return total_steps
-
-
-def check_schedule(cfg: OptimConfig, total_steps: int) -> int:
-    """Megatron's scheduler needs warmup_steps < the decay horizon (strictly); returns
-    that horizon (:func:`decay_horizon`)."""
-    decay_steps = decay_horizon(cfg, total_steps)
-    if total_steps < 1 or cfg.warmup_steps >= decay_steps:
-        raise ValueError(f"optim: warmup_steps={cfg.warmup_steps} must be < the decay horizon "
-                         f"{decay_steps} (decay_steps={cfg.decay_steps}, total_steps={total_steps})")
-    return decay_steps
 
 
 def check_backend(cfg: OptimConfig) -> None:

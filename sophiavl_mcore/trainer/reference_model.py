@@ -19,7 +19,6 @@ already lives in host memory, so offloading is a no-op there (nothing is moved).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,20 +31,7 @@ from sophiavl_mcore.trainer.rollout_batch import RolloutBatch, unwrap_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReferenceConfig", "ReferenceModel"]
-
-
-@dataclasses.dataclass
-class ReferenceConfig:
-    """Reference-policy settings.
-
-    Attributes:
-        enabled: keep a reference model (needed when the loss has ``kl_coef > 0``).
-        offload: keep its weights in host memory between uses (GPU only; no-op on CPU).
-    """
-
-    enabled: bool = True
-    offload: bool = True
+__all__ = ["ReferenceModel"]
 
 
 def _tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,8 +1,8 @@
-"""The GRPO run's typed configuration and its construction (everything before step 1).
+"""The GRPO run's construction from its config (``trainer.config.GRPOTrainConfig``): everything before step 1.
 
 Order matters on CPU: rank 0 builds the colocated vLLM engine *before* any trainer
 process group exists and releases vLLM's one-rank default group
-(:func:`~sophiavl_mcore.weight_sync.vllm_engine.release_engine_default_group`); only
+(:func:`~sophiavl_mcore.weight_sync.vllm_access.release_engine_default_group`); only
 then does :func:`~sophiavl_mcore.parallel.initialize_parallel` create the trainer's
 world. Files rank 0 writes before that (tiny model, synthetic task) are read by the
 other ranks after the world exists.
@@ -14,170 +14,14 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from sophiavl_mcore.checkpoint.config import CheckpointConfig
-from sophiavl_mcore.data.images import ImageConfig
-from sophiavl_mcore.data.prompts import PromptConfig
-from sophiavl_mcore.data.records import DataConfig, DataSourceConfig
-from sophiavl_mcore.data.visual_task import VisualTaskConfig
-from sophiavl_mcore.parallel import ParallelConfig
-from sophiavl_mcore.rewards.config import RewardsConfig
-from sophiavl_mcore.rollout.config import RolloutConfig
-from sophiavl_mcore.trainer.loss import GRPOLossConfig
-from sophiavl_mcore.trainer.optim import OptimConfig
-from sophiavl_mcore.trainer.reference_model import ReferenceConfig
-from sophiavl_mcore.weight_sync.config import WeightSyncConfig
+from sophiavl_mcore.data.config import DataSourceConfig
+from sophiavl_mcore.trainer.config import GRPOTrainConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class PolicyModelConfig:
-    """The policy: an HF Qwen2.5-VL checkpoint, or (``tiny``) a tiny random one built
-    into ``<output_dir>/tiny_model`` (hidden 128, head_dim 64; the CPU main job)."""
-
-    hf_dir: str = ""
-    tiny: bool = False
-    tiny_layers: int = 2
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    vocab_divisible_by: int = 1
-    freeze_vision: bool = False
-    # Transformer Engine FP8 linear layers (GPU + TE only; rejected on the local spec).
-    fp8: Literal["e4m3", "hybrid"] | None = None
-    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = None
-    # Megatron activation recompute of the decoder ("selective": attention core only;
-    # "full": whole layers, ``recompute_method`` over ``recompute_num_layers`` layers).
-    recompute_granularity: Literal["selective", "full"] | None = None
-    recompute_method: Literal["uniform", "block"] | None = None
-    recompute_num_layers: int | None = None
-
-    def __post_init__(self) -> None:
-        errors = []
-        if self.fp8_recipe is not None and self.fp8 is None:
-            errors.append(f"model.fp8_recipe={self.fp8_recipe!r} needs model.fp8 (e4m3 or hybrid)")
-        full = self.recompute_granularity == "full"
-        if full and (self.recompute_method is None or not self.recompute_num_layers):
-            errors.append("model.recompute_granularity='full' needs model.recompute_method "
-                          f"(got {self.recompute_method!r}) and model.recompute_num_layers >= 1 "
-                          f"(got {self.recompute_num_layers!r})")
-        if not full and (self.recompute_method is not None or self.recompute_num_layers):
-            errors.append(f"model.recompute_method={self.recompute_method!r} / "
-                          f"recompute_num_layers={self.recompute_num_layers!r} apply only to "
-                          f"recompute_granularity='full' (got {self.recompute_granularity!r})")
-        if errors:
-            raise ValueError("; ".join(errors))
-
-    def transformer_overrides(self) -> dict[str, Any]:
-        """FP8 + recompute keyword arguments for ``build_qwen2_lm`` (unset ones left out)."""
-        keys = ("fp8", "fp8_recipe", "recompute_granularity", "recompute_method",
-                "recompute_num_layers")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-
-
-@dataclasses.dataclass
-class WarmStartConfig:
-    """Supervised warm start on formatted examples before GRPO (0 steps = none).
-
-    ``uniform_answers``: targets carry random answers (the visual task's), so the warm
-    start teaches ``<think>…</think><answer>…</answer>`` and not the task itself.
-    """
-
-    steps: int = 0
-    global_batch_size: int = 16
-    micro_batch_size: int = 8
-    lr: float = 2e-3
-    uniform_answers: bool = True
-    reasoning: str = "I count the dots."
-
-
-@dataclasses.dataclass
-class GRPORunConfig:
-    """Step geometry (counts) and cadence (every K steps; 0 = never).
-
-    ``updates_per_rollout``: optimizer updates per step (verl's PPO mini-batches): each
-    data-parallel share is cut into that many mini-batches, old log-probs are computed
-    once before the first; 1 = one update, whose ratio is exactly 1 (old log-probs are
-    the training forward's own, detached: no extra forward pass).
-    ``dynamic_sampling``: drop groups whose rewards are all equal and draw more prompts,
-    at most ``max_sampling_rounds`` extra rounds (:mod:`~sophiavl_mcore.trainer.sampling`).
-    """
-
-    total_steps: int = 10
-    prompts_per_step: int = 8
-    updates_per_rollout: int = 1
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 3
-    micro_batch_size: int = 8
-    val_every: int = 0
-    val_size: int = 32
-    log_samples_every: int = 0
-
-    def __post_init__(self) -> None:
-        errors = [f"{k}={getattr(self, k)} must be >= 1" for k in
-                  ("total_steps", "prompts_per_step", "updates_per_rollout", "micro_batch_size",
-                   "val_size")
-                  if getattr(self, k) < 1]
-        errors += [f"{k}={getattr(self, k)} must be >= 0" for k in
-                   ("val_every", "log_samples_every", "max_sampling_rounds") if getattr(self, k) < 0]
-        if errors:
-            raise ValueError("train: " + "; ".join(errors))
-
-
-@dataclasses.dataclass
-class GRPOTrainConfig:
-    """Everything ``python -m sophiavl_mcore.train`` reads (unknown keys are errors)."""
-
-    model: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
-    task: VisualTaskConfig = dataclasses.field(default_factory=VisualTaskConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
-    images: ImageConfig = dataclasses.field(default_factory=ImageConfig)
-    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
-    rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
-    loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
-    weight_sync: WeightSyncConfig = dataclasses.field(default_factory=WeightSyncConfig)
-    warm_start: WarmStartConfig = dataclasses.field(default_factory=WarmStartConfig)
-    train: GRPORunConfig = dataclasses.field(default_factory=GRPORunConfig)
-    # checkpoint.dir empty: <output_dir>/checkpoints; checkpoint.save_interval=0: only
-    # after the last step. ``--resume`` sets checkpoint.resume=must.
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    output_dir: str = "runs/grpo"
-    export_hf: bool = True
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        from sophiavl_mcore.trainer.optim import check_schedule
-
-        errors = []
-        if not self.model.tiny and not self.model.hf_dir:
-            errors.append("model.hf_dir must be set (or model.tiny=true)")
-        if not self.task.enabled and not self.data.sources:
-            errors.append("data.sources is empty and task.enabled is false: nothing to train on")
-        if self.loss.kl_coef > 0 and not self.reference.enabled:
-            errors.append(f"loss.kl_coef={self.loss.kl_coef} > 0 needs reference.enabled=true")
-        if self.rollout.sampling.n < 2:
-            errors.append(f"rollout.sampling.n={self.rollout.sampling.n}: GRPO needs >= 2 "
-                          "responses per prompt for a group advantage")
-        if not self.output_dir:
-            errors.append("output_dir must be set")
-        if errors:
-            raise ValueError("; ".join(errors))
-        check_schedule(self.optim, self.optimizer_updates)
-
-    @property
-    def optimizer_updates(self) -> int:
-        """Optimizer updates over the run (the LR schedule's horizon)."""
-        return self.train.total_steps * self.train.updates_per_rollout
-
-    @property
-    def responses_per_step(self) -> int:
-        return self.train.prompts_per_step * self.rollout.sampling.n
 
 
 def model_dir(cfg: GRPOTrainConfig) -> Path:

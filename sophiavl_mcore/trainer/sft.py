@@ -28,49 +28,10 @@ from typing import Any
 
 import torch
 
-from sophiavl_mcore.trainer.optim import OptimConfig, StepResult, optimizer_step
+from sophiavl_mcore.trainer.config import OptimConfig, SFTConfig
+from sophiavl_mcore.trainer.optim import StepResult, optimizer_step
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class SFTConfig:
-    """SFT batch geometry (sizes in examples / tokens).
-
-    Attributes:
-        global_batch_size: examples per optimizer update, over all DP ranks.
-        micro_batch_size: examples per forward/backward on one rank.
-        max_seq_len: longest example (prompt + target tokens, image tokens included);
-            longer ones are dropped and counted by the data code.
-        pad_to_multiple_of: micro-batch length is rounded up to this.
-        train_steps: optimizer updates in the run.
-        log_every: console metrics every this many updates.
-    """
-
-    global_batch_size: int = 32
-    micro_batch_size: int = 4
-    max_seq_len: int = 4096
-    pad_to_multiple_of: int = 8
-    train_steps: int = 100
-    log_every: int = 1
-
-    def __post_init__(self) -> None:
-        errors = []
-        for name in ("global_batch_size", "micro_batch_size", "max_seq_len",
-                     "pad_to_multiple_of", "train_steps", "log_every"):
-            if getattr(self, name) < 1:
-                errors.append(f"{name}={getattr(self, name)} must be >= 1")
-        if self.micro_batch_size > self.global_batch_size:
-            errors.append(f"micro_batch_size={self.micro_batch_size} exceeds "
-                          f"global_batch_size={self.global_batch_size}")
-        if errors:
-            raise ValueError("sft: " + "; ".join(errors))
-
-    def check_dp(self, dp: int) -> None:
-        """The global batch must split evenly over ``dp`` data-parallel ranks."""
-        if self.global_batch_size % dp:
-            raise ValueError(f"sft.global_batch_size={self.global_batch_size} is not divisible by "
-                             f"the data-parallel size dp={dp}")
 
 
 @dataclasses.dataclass

@@ -41,10 +41,12 @@ from typing import Any
 
 import torch
 
-from sophiavl_mcore.data.images import ImageConfig, ImageLoader
-from sophiavl_mcore.data.prompts import IMAGE_PAD, PromptConfig, build_prompt, expand_image_tokens
+from sophiavl_mcore.data.config import ImageConfig, PromptConfig
+from sophiavl_mcore.data.images import ImageLoader
+from sophiavl_mcore.data.prompts import IMAGE_PAD, build_prompt, expand_image_tokens
 from sophiavl_mcore.data.records import Record, RecordError, read_raw_records
-from sophiavl_mcore.rewards.thinking import ThinkingRequest, ThinkingRewardConfig, build_messages
+from sophiavl_mcore.rewards.config import ThinkingRewardConfig
+from sophiavl_mcore.rewards.thinking import ThinkingRequest, build_messages
 from sophiavl_mcore.trainer.sft import SFTExample
 
 logger = logging.getLogger(__name__)
@@ -290,7 +292,7 @@ def image_config_for(model_dir: str | Path, base: ImageConfig | None = None) -> 
     elif (root / "processor_config.json").is_file():
         proc = json.loads((root / "processor_config.json").read_text()).get("image_processor")
     if not proc:
-        logger.warning("%s: no image processor config; using image.min_pixels=%d max_pixels=%d",
+        logger.warning("%s: no image processor config; using images.min_pixels=%d max_pixels=%d",
                        model_dir, base.min_pixels, base.max_pixels)
         return base
     size = proc.get("size") or {}

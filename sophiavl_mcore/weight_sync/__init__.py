@@ -5,7 +5,7 @@ Public API::
     WeightSync (interface: sync(version) -> SyncReport, policy_version)
     WeightSyncConfig, WeightSyncError, SyncReport
     MegatronWeightSync(model, hf_config, engine, cfg)   (gloo/NCCL point-to-point + buckets)
-    vllm_engine: release_engine_default_group, close_colocated_engine, VllmReadBack
+    vllm_access: release_engine_default_group, close_colocated_engine, VllmReadBack
     vllm_inplace / vllm_repack: the engine write (``WeightSyncConfig.engine_update``)
 
 ``MegatronWeightSync`` imports Megatron lazily, so importing this package is cheap.

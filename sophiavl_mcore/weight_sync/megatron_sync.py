@@ -398,10 +398,10 @@ class MegatronWeightSync(WeightSync):
         """Collective: max |engine - trainer| over every synced tensor (engine dtype).
 
         Gathers the trainer's weights again and reads the engine's back (see
-        :class:`~sophiavl_mcore.weight_sync.vllm_engine.VllmReadBack`); raises
+        :class:`~sophiavl_mcore.weight_sync.vllm_access.VllmReadBack`); raises
         :class:`WeightSyncError` on every rank above ``cfg.debug_atol``.
         """
-        from sophiavl_mcore.weight_sync.vllm_engine import VllmReadBack, engine_model
+        from sophiavl_mcore.weight_sync.vllm_access import VllmReadBack, engine_model
 
         if buckets is None:
             buckets = self._schedule(self._gather_meta()[1])
@@ -441,7 +441,7 @@ class MegatronWeightSync(WeightSync):
 
 def engine_specs(engine: Any) -> dict[str, tuple[int, ...]] | None:
     """Expected ``{HF name: shape}`` of ``engine`` (vLLM: from its checkpoint headers)."""
-    from sophiavl_mcore.weight_sync.vllm_engine import engine_expected_specs
+    from sophiavl_mcore.weight_sync.vllm_access import engine_expected_specs
 
     return engine_expected_specs(engine)
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from sophiavl_mcore.weight_sync.vllm_engine import (
+from sophiavl_mcore.weight_sync.vllm_access import (
     engine_model,
     engine_worker,
     fused_target,

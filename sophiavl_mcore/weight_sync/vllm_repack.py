@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sophiavl_mcore.weight_sync.vllm_engine import (
+from sophiavl_mcore.weight_sync.vllm_access import (
     original_loader,
     packed_kernel_weight,
     weight_reload_meta,

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from sophiavl_mcore.data.config import PromptConfig
 from sophiavl_mcore.data.prompts import (
-    PromptConfig,
     build_messages,
     build_prompt,
     expand_image_tokens,

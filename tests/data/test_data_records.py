@@ -7,14 +7,8 @@ from collections import Counter
 
 import pytest
 
-from sophiavl_mcore.data.records import (
-    DataConfig,
-    DataSourceConfig,
-    MixedSampler,
-    RecordError,
-    build_sampler,
-    load_records,
-)
+from sophiavl_mcore.data.config import DataConfig, DataSourceConfig
+from sophiavl_mcore.data.records import MixedSampler, RecordError, build_sampler, load_records
 from sophiavl_mcore.data.synthetic import write_records
 from sophiavl_mcore.rewards.outcome import ProblemTypeError
 

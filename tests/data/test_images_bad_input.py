@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sophiavl_mcore.data.images import SKIP_REASONS, ImageConfig, ImageLoader
+from sophiavl_mcore.data.config import ImageConfig
+from sophiavl_mcore.data.errors import SKIP_REASONS
+from sophiavl_mcore.data.images import ImageLoader
 from sophiavl_mcore.data.synthetic import encode, natural_image, write_png_rows
 
 pytestmark = pytest.mark.timeout(300)  # nothing may hang

@@ -12,15 +12,10 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
-from sophiavl_mcore.data.images import (
-    ImageConfig,
-    ImageLoader,
-    ImageSkip,
-    normalize_patchify_into,
-    patchify,
-    resize_uint8,
-    smart_resize,
-)
+from sophiavl_mcore.data.config import ImageConfig
+from sophiavl_mcore.data.errors import ImageSkip
+from sophiavl_mcore.data.images import ImageLoader, resize_uint8
+from sophiavl_mcore.data.patchify import normalize_patchify_into, patchify, smart_resize
 from sophiavl_mcore.data.synthetic import encode, natural_image, write_jpegs
 
 

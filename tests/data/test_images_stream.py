@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sophiavl_mcore.data.config import ImageConfig
 from sophiavl_mcore.data.image_stream import ImageStream
-from sophiavl_mcore.data.images import ImageConfig, ImageLoader
+from sophiavl_mcore.data.images import ImageLoader
 from sophiavl_mcore.data.synthetic import encode, natural_image, write_jpegs
 
 pytestmark = pytest.mark.timeout(300)

@@ -50,7 +50,7 @@ def _hf_reference(model_dir: Path, batch: dict) -> dict:
     """Per-sample, unpadded full-vocabulary log-probs and entropies from transformers."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from sophiavl_mcore.trainer.reference import full_vocab_logprobs_entropy
+    from sophiavl_mcore.trainer.oracle import full_vocab_logprobs_entropy
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     image_token = hf.config.image_token_id
@@ -150,8 +150,9 @@ def _layout(rank: int, root: Path, name: str, tp: int, pp: int) -> dict:
     from sophiavl_mcore.checkpoint.hf import export_hf, load_hf_weights
     from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
-    from sophiavl_mcore.trainer.loss import GRPOLossConfig
-    from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer, wrap_ddp
+    from sophiavl_mcore.trainer.config import GRPOLossConfig
+    from sophiavl_mcore.trainer.config import OptimConfig
+    from sophiavl_mcore.trainer.optim import build_optimizer, wrap_ddp
     from sophiavl_mcore.trainer.reference_model import ReferenceModel
 
     model_dir = root / "tiny_vl"

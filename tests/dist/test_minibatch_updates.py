@@ -32,7 +32,8 @@ CLIP = 0.2
 
 def _fresh(root: Path, info, lr: float):
     from sophiavl_mcore.checkpoint.hf import load_hf_weights
-    from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer, wrap_ddp
+    from sophiavl_mcore.trainer.config import OptimConfig
+    from sophiavl_mcore.trainer.optim import build_optimizer, wrap_ddp
 
     model = _build(root / "tiny_vl", info)
     load_hf_weights(model, root / "tiny_vl", info)
@@ -45,7 +46,7 @@ def _worker(rank: int, root: str) -> dict:
     from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
     from sophiavl_mcore.trainer.grpo_trainer import ppo_updates
-    from sophiavl_mcore.trainer.loss import GRPOLossConfig
+    from sophiavl_mcore.trainer.config import GRPOLossConfig
 
     root = Path(root)
     raw = torch.load(root / "case.pt", weights_only=True)["batch"]

@@ -19,7 +19,8 @@ def _worker(rank: int, hf_dir) -> dict:
     from sophiavl_mcore.checkpoint import load_hf_into_model
     from sophiavl_mcore.models import build_qwen2_lm
     from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-    from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer, optimizer_step, wrap_ddp
+    from sophiavl_mcore.trainer.config import OptimConfig
+    from sophiavl_mcore.trainer.optim import build_optimizer, optimizer_step, wrap_ddp
 
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, VOCAB, (2, 8), generator=g)
@@ -60,7 +61,7 @@ def test_sgd_update_is_w_minus_lr_grad(tmp_path, dist_launch) -> None:
 
 
 def test_sgd_momentum_is_checked() -> None:
-    from sophiavl_mcore.trainer.optim import OptimConfig
+    from sophiavl_mcore.trainer.config import OptimConfig
 
     with pytest.raises(ValueError, match="sgd_momentum=1.0"):
         OptimConfig(optimizer="sgd", sgd_momentum=1.0)

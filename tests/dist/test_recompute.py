@@ -27,7 +27,7 @@ def _worker(rank: int, hf_dir: Path) -> dict:
     from sophiavl_mcore.checkpoint import load_hf_into_model
     from sophiavl_mcore.models import build_qwen2_lm
     from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-    from sophiavl_mcore.trainer.setup import PolicyModelConfig
+    from sophiavl_mcore.trainer.config import ModelConfig
 
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, VOCAB, (2, 10), generator=g)
@@ -38,7 +38,7 @@ def _worker(rank: int, hf_dir: Path) -> dict:
         destroy_parallel(keep_process_group=True)
         info = initialize_parallel(ParallelConfig(tp=2), num_layers=4, num_heads=4,
                                    num_query_groups=2)
-        overrides = PolicyModelConfig(tiny=True, **keys).transformer_overrides()
+        overrides = ModelConfig(tiny=True, **keys).transformer_overrides()
         model = build_qwen2_lm(hf_dir, info, vocab_divisible_by=PAD_DIVISOR, **overrides)
         load_hf_into_model(model, hf_dir, 2, 1, info.tp_rank, 0, vocab_divisible_by=PAD_DIVISOR)
         model.train()
@@ -73,7 +73,7 @@ def test_recompute_keeps_loss_and_grads(tmp_path, dist_launch) -> None:
     ({"recompute_method": "uniform", "recompute_num_layers": 2}, "apply only to"),
 ])
 def test_bad_model_keys_fail_early(keys: dict, fragment: str) -> None:
-    from sophiavl_mcore.trainer.setup import PolicyModelConfig
+    from sophiavl_mcore.trainer.config import ModelConfig
 
     with pytest.raises(ValueError, match=fragment):
-        PolicyModelConfig(tiny=True, **keys)
+        ModelConfig(tiny=True, **keys)

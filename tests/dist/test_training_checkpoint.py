@@ -39,7 +39,8 @@ def _build(hf_dir: Path, tp: int):
     from sophiavl_mcore.checkpoint import load_hf_into_model
     from sophiavl_mcore.models import build_qwen2_lm
     from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-    from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer, wrap_ddp
+    from sophiavl_mcore.trainer.config import OptimConfig
+    from sophiavl_mcore.trainer.optim import build_optimizer, wrap_ddp
 
     destroy_parallel(keep_process_group=True)
     info = initialize_parallel(ParallelConfig(tp=tp, seed=7), num_layers=4, num_heads=4,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sophiavl_mcore.trainer.loss import grpo_loss
-from sophiavl_mcore.trainer.reference import full_vocab_logprobs_entropy
+from sophiavl_mcore.trainer.oracle import full_vocab_logprobs_entropy
 
 pytestmark = [pytest.mark.dist]
 

@@ -99,10 +99,10 @@ def test_bad_images_are_skipped_and_counted(tmp_path, sft_case, tokenizer):
 
 def test_trm_example_matches_client_prompt_and_parses(sft_case, tokenizer, builder):
     from sophiavl_mcore.data.prompts import expand_image_tokens
+    from sophiavl_mcore.rewards.config import ThinkingRewardConfig
     from sophiavl_mcore.rewards.thinking import (
         INSTRUCTION,
         ThinkingRequest,
-        ThinkingRewardConfig,
         build_messages,
         parse_score,
     )
@@ -130,7 +130,7 @@ def test_trm_example_matches_client_prompt_and_parses(sft_case, tokenizer, build
 
 
 def test_long_reasoning_is_truncated_like_the_client(tmp_path, builder):
-    from sophiavl_mcore.rewards.thinking import ThinkingRewardConfig
+    from sophiavl_mcore.rewards.config import ThinkingRewardConfig
     from sophiavl_mcore.trainer.sft_data import load_thinking_records
 
     tail = "THE-END-OF-THE-REASONING"
@@ -199,7 +199,7 @@ def test_collate_shifts_labels_and_mask():
 
 
 def test_image_config_follows_the_served_processor(sft_case):
-    from sophiavl_mcore.data.images import ImageConfig
+    from sophiavl_mcore.data.config import ImageConfig
     from sophiavl_mcore.trainer.sft_data import image_config_for
 
     # build_tiny_qwen2_5_vl's processor: min 28*28*4, max 28*28*16 pixels
@@ -209,9 +209,7 @@ def test_image_config_follows_the_served_processor(sft_case):
 
 def test_configs_fail_early_with_numbers(tmp_path):
     from sophiavl_mcore.config import ConfigError, load_config
-    from sophiavl_mcore.trainer.optim import OptimConfig
-    from sophiavl_mcore.trainer.sft import SFTConfig
-    from sophiavl_mcore.trm_train import TRMTrainConfig
+    from sophiavl_mcore.trainer.config import OptimConfig, SFTConfig, TRMTrainConfig
 
     with pytest.raises(ValueError, match=r"need 0 <= min_lr=0.5 <= lr=0.1"):
         OptimConfig(lr=0.1, min_lr=0.5)

@@ -28,7 +28,7 @@ TOL = 1e-4
 
 def _cfg(model: str, data: str, out: Path, tp: int, pp: int, steps: int, *extra: str):
     from sophiavl_mcore.config import load_config
-    from sophiavl_mcore.trm_train import TRMTrainConfig
+    from sophiavl_mcore.trainer.config import TRMTrainConfig
 
     return load_config(RECIPE, [
         f"model.hf_dir={model}", f"data.path={data}", f"output_dir={out}",
@@ -41,10 +41,10 @@ def _mask_check(cfg) -> dict[str, float]:
     import torch
 
     from sophiavl_mcore.parallel import destroy_parallel
-    from sophiavl_mcore.trm_train import RecordSampler, build_run, local_examples
+    from sophiavl_mcore.trm_train import build_run, local_examples, record_order
 
     run = build_run(cfg)
-    ids = RecordSampler(len(run.records), cfg.data.seed, cfg.data.shuffle).next(4)
+    ids = record_order(cfg, len(run.records)).next_batch(4)
     mbs = run.trainer.micro_batches(local_examples(run, ids))
     base = run.trainer.run_micro_batches(mbs, forward_only=True)["loss"]
     gen = torch.Generator().manual_seed(0)
@@ -97,7 +97,7 @@ def _hf_loss(hf_dir: Path, model_dir: str, data: str, ids: list[int]) -> float:
 def _worker(rank: int, model: str, data: str, out: str) -> dict:
     import torch
 
-    from sophiavl_mcore.trm_train import RecordSampler, train
+    from sophiavl_mcore.trm_train import record_order, train
 
     out_dir = Path(out)
     res: dict = {}
@@ -113,7 +113,7 @@ def _worker(rank: int, model: str, data: str, out: str) -> dict:
     hist = train(cfg)
     res["tp2"] = hist
     if rank == 0:
-        first = RecordSampler(32, cfg.data.seed, cfg.data.shuffle).next(cfg.sft.global_batch_size)
+        first = record_order(cfg, 32).next_batch(cfg.sft.global_batch_size)
         res["hf_loss"] = _hf_loss(out_dir / "tp2" / "hf", model, data, first)
         res["exported"] = sorted(p.name for p in (out_dir / "tp2" / "hf").iterdir())
     torch.distributed.barrier()

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from sophiavl_mcore.data.config import VisualTaskConfig
 from sophiavl_mcore.data.dots_reasoning import (
     CLEAN_SOURCE,
     HACKED_QUESTION,
@@ -22,7 +23,7 @@ from sophiavl_mcore.data.dots_reasoning import (
     thinking_records,
     warm_start_reasoning,
 )
-from sophiavl_mcore.data.visual_task import VisualTaskConfig, task_records, warm_start_reasoning_for
+from sophiavl_mcore.data.visual_task import task_records, warm_start_reasoning_for
 
 CFG = VisualTaskConfig(enabled=True, max_count=2, radius=12, reasoning="observe")
 

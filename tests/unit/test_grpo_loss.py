@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from sophiavl_mcore.trainer.config import GRPOLossConfig
 from sophiavl_mcore.trainer.logprobs import (
     vocab_parallel_entropy,
     vocab_parallel_logprobs,
     vocab_parallel_logprobs_and_entropy,
 )
-from sophiavl_mcore.trainer.loss import GRPOLossConfig, grpo_loss, loss_normalizers
-from sophiavl_mcore.trainer.reference import full_vocab_logprobs_entropy, grpo_loss_reference
+from sophiavl_mcore.trainer.loss import grpo_loss, loss_normalizers
+from sophiavl_mcore.trainer.oracle import full_vocab_logprobs_entropy, grpo_loss_oracle
 
 # ------------------------------------------------------------------ log-probs, TP = 1
 
@@ -127,7 +128,7 @@ def test_loss_matches_per_token_reference(aggregation):
     kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.04, entropy_coef=0.01,
               aggregation=aggregation)
     loss, metrics = grpo_loss(logp, old, ref, adv, mask, entropy=ent, **kw)
-    expected = grpo_loss_reference(logp.numpy(), old.numpy(), ref.numpy(), adv.numpy(),
+    expected = grpo_loss_oracle(logp.numpy(), old.numpy(), ref.numpy(), adv.numpy(),
                                    mask.numpy(), entropy=ent.numpy(), **kw)
     assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
     n = int(mask.sum())
@@ -269,7 +270,7 @@ def test_config_defaults_and_validation():
             cfg.aggregation) == (0.04, 0.2, 0.2, 0.0, "token-mean")
     logp, old, ref, adv, mask, _ = _loss_inputs()
     loss, _ = grpo_loss(logp, old, ref, adv, mask, **cfg.loss_kwargs())
-    expected = grpo_loss_reference(logp.numpy(), old.numpy(), ref.numpy(), adv.numpy(),
+    expected = grpo_loss_oracle(logp.numpy(), old.numpy(), ref.numpy(), adv.numpy(),
                                    mask.numpy())
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="clip_eps_low must be >= 0.0, got -0.1"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sophiavl_mcore.trainer.optim import OptimConfig, check_schedule, decay_horizon
+from sophiavl_mcore.trainer.config import OptimConfig, check_schedule, decay_horizon
 
 
 def test_constant_schedule_lets_a_short_run_end_inside_the_warmup() -> None:

@@ -13,7 +13,8 @@ import math
 import numpy as np
 import pytest
 
-from sophiavl_mcore.rewards.trust_grpo import TrustGRPOConfig, trust_grpo
+from sophiavl_mcore.rewards.config import TrustGRPOConfig
+from sophiavl_mcore.rewards.trust_grpo import trust_grpo
 
 NAN = float("nan")
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sophiavl_mcore import _C
-from sophiavl_mcore.data.images import (
-    ImageConfig,
+from sophiavl_mcore.data.config import ImageConfig
+from sophiavl_mcore.data.patchify import (
     PatchBufferPool,
     normalize_patchify_batch_cpu,
     normalize_patchify_cpu,

@@ -66,7 +66,7 @@ def test_config_errors(kwargs, match) -> None:
 
 
 def test_tiny_trm_needs_the_observe_task(tmp_path) -> None:
-    from sophiavl_mcore.data.visual_task import VisualTaskConfig
+    from sophiavl_mcore.data.config import VisualTaskConfig
 
     with pytest.raises(ValueError, match="task.reasoning=observe"):
         trm_server.start_local_trm(LocalTRMConfig(serve=True, tiny=True),
@@ -77,7 +77,7 @@ def test_a_multi_node_job_cannot_serve_its_trm_on_localhost(monkeypatch) -> None
     from pathlib import Path
 
     from sophiavl_mcore.config import load_config
-    from sophiavl_mcore.trainer.setup import GRPOTrainConfig
+    from sophiavl_mcore.trainer.config import GRPOTrainConfig
 
     recipe = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_cpu.yaml"
     cfg = load_config(recipe, cls=GRPOTrainConfig)

@@ -11,11 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from sophiavl_mcore.rewards.trust_grpo import (
-    TrustGRPOConfig,
-    needs_thinking_score,
-    trust_grpo,
-)
+from sophiavl_mcore.rewards.config import TrustGRPOConfig
+from sophiavl_mcore.rewards.trust_grpo import needs_thinking_score, trust_grpo
 
 NO_ANNEAL = dict(use_annealing=False, alpha=0.3)
 

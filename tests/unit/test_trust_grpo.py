@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sophiavl_mcore import _C
-from sophiavl_mcore.rewards.reference import group_advantages_reference, trust_grpo_reference
+from sophiavl_mcore.rewards.config import TrustGRPOConfig
+from sophiavl_mcore.rewards.oracle import group_advantages_oracle, trust_grpo_oracle
 from sophiavl_mcore.rewards.trust_grpo import (
-    TrustGRPOConfig,
     TrustGRPOResult,
     group_advantages,
     resolve_groups,
@@ -61,7 +61,7 @@ def test_trust_grpo_matches_reference(
         unpaired_gamma=unpaired_gamma,
     )
     got = _C.trust_grpo(outcome, thinking, ids, num_groups, *kwargs.values())
-    exp = trust_grpo_reference(outcome, thinking, ids, num_groups, **kwargs)
+    exp = trust_grpo_oracle(outcome, thinking, ids, num_groups, **kwargs)
     for g, e in zip(got[:4], exp[:4], strict=True):
         _assert_same(g, e)
     assert got[4] == pytest.approx(exp[4], rel=1e-15)
@@ -73,7 +73,7 @@ def test_trust_grpo_large_batch_parallel_path():
     outcome, thinking, ids = _random_batch(rng, 200_000, 25_000, 0.1)
     args = (0.5, 0.3, 10, 100, True, True, True, 1.0)
     got = _C.trust_grpo(outcome, thinking, ids, 25_000, *args)
-    exp = trust_grpo_reference(
+    exp = trust_grpo_oracle(
         outcome[:2000],
         thinking[:2000],
         ids[:2000] % 7,
@@ -223,7 +223,7 @@ def test_group_advantages_match_reference(seed, n, num_groups, scale_by_std, std
     rewards = rng.choice([0.0, 0.1, 1.0], size=n) if discrete else rng.normal(size=n)
     ids = rng.integers(0, num_groups, size=n).astype(np.int64)
     got = _C.group_advantages(rewards, ids, num_groups, 1e-6, scale_by_std, std_ddof)
-    exp = group_advantages_reference(
+    exp = group_advantages_oracle(
         rewards, ids, num_groups, eps=1e-6, scale_by_std=scale_by_std, std_ddof=std_ddof
     )
     np.testing.assert_allclose(got, exp, rtol=1e-10, atol=1e-12)

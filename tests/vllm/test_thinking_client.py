@@ -14,11 +14,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from sophiavl_mcore.rewards.config import DEFAULT_TEMPLATE, ThinkingRewardConfig
 from sophiavl_mcore.rewards.thinking import (
-    DEFAULT_TEMPLATE,
     INSTRUCTION,
     ThinkingRequest,
-    ThinkingRewardConfig,
     ThinkingScores,
     build_messages,
     expected_score,

@@ -8,12 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from sophiavl_mcore.rewards.thinking import (
-    SCORE_CHOICES,
-    InProcessThinkingClient,
-    ThinkingRequest,
-    ThinkingRewardConfig,
-)
+from sophiavl_mcore.rewards.config import ThinkingRewardConfig
+from sophiavl_mcore.rewards.thinking import SCORE_CHOICES, InProcessThinkingClient, ThinkingRequest
 from sophiavl_mcore.rewards.trm_http import VllmServerThinkingClient
 from sophiavl_mcore.testing.tiny_models import make_test_image
 

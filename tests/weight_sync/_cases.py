@@ -262,7 +262,7 @@ def inplace_vs_reload_case(rank: int, ctx: dict, model_dir: str, seed: int) -> d
     vLLM's reload, then X in place (re-pack), Y reload, X live, Y reload. Rank 0 records
     prompt log-probs, greedy tokens and the engine's CPU GEMM kinds after each."""
     from sophiavl_mcore.weight_sync import MegatronWeightSync
-    from sophiavl_mcore.weight_sync.vllm_engine import engine_model
+    from sophiavl_mcore.weight_sync.vllm_access import engine_model
     from sophiavl_mcore.weight_sync.vllm_inplace import live_report
 
     model_dir = Path(model_dir)
@@ -289,7 +289,7 @@ def corrupt_case(rank: int, ctx: dict, model_dir: str, seed: int, how: str, suff
     the engine's copy of the tensor ending in ``suffix`` (a view into the engine's
     parameter): compare() must refuse; a fresh sync repairs it."""
     from sophiavl_mcore.weight_sync import MegatronWeightSync, WeightSyncError
-    from sophiavl_mcore.weight_sync.vllm_engine import VllmReadBack, engine_model
+    from sophiavl_mcore.weight_sync.vllm_access import VllmReadBack, engine_model
 
     model_dir = Path(model_dir)
     info = _setup(2, 1, *_dims(model_dir))
@@ -339,7 +339,7 @@ def live_conversion_case(rank: int, ctx: dict) -> dict:
         return {}
     from vllm.config import set_current_vllm_config
 
-    from sophiavl_mcore.weight_sync.vllm_engine import engine_worker
+    from sophiavl_mcore.weight_sync.vllm_access import engine_worker
     from sophiavl_mcore.weight_sync.vllm_inplace import kernel_is_live, make_live
     from sophiavl_mcore.weight_sync.vllm_repack import Repacker
 

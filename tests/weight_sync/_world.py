@@ -4,7 +4,7 @@ Why not ``tests/dist``'s ``launch``: that spawns fresh processes per call, and t
 engine must be built once per session (about a minute on 2 cores). Here ``nprocs``
 spawned ranks start once; rank 0 builds the engine *before* the process group exists
 (then releases vLLM's one-rank default group, see
-``sophiavl_mcore.weight_sync.vllm_engine``), all ranks join one gloo world, and then
+``sophiavl_mcore.weight_sync.vllm_access``), all ranks join one gloo world, and then
 serve commands: ``world.run(fn, *args)`` calls the module-level ``fn(rank, ctx, *args)``
 on every rank (``ctx["engine"]`` on rank 0) and returns the per-rank results. A rank's
 exception comes back as that rank's traceback; a hang ends at ``timeout_s``.
@@ -39,7 +39,7 @@ def _rank_main(rank: int, nprocs: int, port: int, engine_kwargs: dict, cmd_q, re
         if rank == 0:
             from sophiavl_mcore.rollout import RolloutConfig, SamplingConfig
             from sophiavl_mcore.rollout.vllm_engine import VllmRolloutEngine
-            from sophiavl_mcore.weight_sync.vllm_engine import release_engine_default_group
+            from sophiavl_mcore.weight_sync.vllm_access import release_engine_default_group
 
             cfg = RolloutConfig(sampling=SamplingConfig(n=1, max_tokens=4), **engine_kwargs)
             ctx["engine"] = VllmRolloutEngine(cfg)
@@ -61,7 +61,7 @@ def _rank_main(rank: int, nprocs: int, port: int, engine_kwargs: dict, cmd_q, re
         except BaseException:
             res_q.put((rank, "error", traceback.format_exc()))
     if "engine" in ctx:
-        from sophiavl_mcore.weight_sync.vllm_engine import close_colocated_engine
+        from sophiavl_mcore.weight_sync.vllm_access import close_colocated_engine
 
         close_colocated_engine(ctx["engine"])
     dist.destroy_process_group()

@@ -1,9 +1,9 @@
-"""Plain references for the trainer numerics (tests compare the fast paths to these).
+"""Test oracles for the trainer numerics: plain versions the tests compare the fast paths to.
 
 - :func:`full_vocab_logprobs_entropy`: ``log_softmax`` over the whole, gathered
   vocabulary in float64 — what :mod:`sophiavl_mcore.trainer.logprobs` computes
   shard-wise.
-- :func:`grpo_loss_reference`: the GRPO loss written token by token in numpy loops,
+- :func:`grpo_loss_oracle`: the GRPO loss written token by token in numpy loops,
   straight from the formulas of :mod:`sophiavl_mcore.trainer.loss` (no vectorisation
   shared with it).
 """
@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["full_vocab_logprobs_entropy", "grpo_loss_reference"]
+__all__ = ["full_vocab_logprobs_entropy", "grpo_loss_oracle"]
 
 
 def full_vocab_logprobs_entropy(
@@ -40,7 +40,7 @@ def full_vocab_logprobs_entropy(
     return logp, entropy
 
 
-def grpo_loss_reference(
+def grpo_loss_oracle(
     logprobs: np.ndarray,
     old_logprobs: np.ndarray,
     ref_logprobs: np.ndarray | None,

@@ -1,5 +1,5 @@
-"""vLLM-specific parts of the weight sync: what the engine expects, reading its weights
-back, and living beside Megatron's process groups in one process.
+"""How the weight sync reaches into a live vLLM engine: what the engine expects, reading
+its weights back, and living beside Megatron's process groups in one process.
 
 Expected tensors: the HF names and full shapes the engine was built from, read from the
 safetensors headers of its checkpoint directory (``RolloutConfig.model``). Those are the

@@ -1,12 +1,12 @@
-"""Pure Python / numpy references of the C++ kernels in ``sophiavl_mcore._C``.
+"""Test oracles: pure Python / numpy versions of the C++ kernels in ``sophiavl_mcore._C``.
 
 They are slow and simple on purpose: tests compare every C++ op against them. Each one
 takes the same inputs as its ``_C`` counterpart and returns the same outputs.
 
-- :func:`trust_grpo_reference` ⇔ ``_C.trust_grpo``
-- :func:`group_advantages_reference` ⇔ ``_C.group_advantages``
-- :func:`wer_reference` ⇔ one entry of ``_C.batch_wer``
-- :func:`rouge_reference` ⇔ one row of ``_C.batch_rouge``
+- :func:`trust_grpo_oracle` ⇔ ``_C.trust_grpo``
+- :func:`group_advantages_oracle` ⇔ ``_C.group_advantages``
+- :func:`wer_oracle` ⇔ one entry of ``_C.batch_wer``
+- :func:`rouge_oracle` ⇔ one row of ``_C.batch_rouge``
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "group_advantages_reference",
-    "jiwer_words_reference",
-    "rouge_reference",
-    "rouge_tokens_reference",
-    "trust_grpo_reference",
-    "wer_reference",
+    "group_advantages_oracle",
+    "jiwer_words_oracle",
+    "rouge_oracle",
+    "rouge_tokens_oracle",
+    "trust_grpo_oracle",
+    "wer_oracle",
 ]
 
 
-def trust_grpo_reference(
+def trust_grpo_oracle(
     outcome: np.ndarray,
     thinking: np.ndarray,
     group_ids: np.ndarray,
@@ -97,7 +97,7 @@ def trust_grpo_reference(
     return reward, gamma, mu_correct, mu_wrong, annealing
 
 
-def group_advantages_reference(
+def group_advantages_oracle(
     rewards: np.ndarray,
     group_ids: np.ndarray,
     num_groups: int,
@@ -126,7 +126,7 @@ def group_advantages_reference(
     return out
 
 
-def jiwer_words_reference(text: str) -> list[str]:
+def jiwer_words_oracle(text: str) -> list[str]:
     """Words of jiwer 4.0's default transform: runs of >= 2 whitespace -> ' ', strip,
     split on ' '. A single tab/newline between two words does not split them."""
     return [w for w in re.sub(r"\s\s+", " ", text).strip().split(" ") if w]
@@ -142,13 +142,13 @@ def _levenshtein(a: Sequence[str], b: Sequence[str]) -> int:
     return previous[-1]
 
 
-def wer_reference(reference: str, hypothesis: str) -> float:
+def wer_oracle(reference: str, hypothesis: str) -> float:
     """Word error rate: word Levenshtein distance / max(len(reference words), 1).
 
     An empty reference gives the number of hypothesis words (as jiwer 4.0 does).
     """
-    ref = jiwer_words_reference(reference)
-    hyp = jiwer_words_reference(hypothesis)
+    ref = jiwer_words_oracle(reference)
+    hyp = jiwer_words_oracle(hypothesis)
     return _levenshtein(ref, hyp) / max(len(ref), 1)
 
 
@@ -164,7 +164,7 @@ def _stem(word: str) -> str:
     return _porter().stem(word)
 
 
-def rouge_tokens_reference(text: str) -> list[str]:
+def rouge_tokens_oracle(text: str) -> list[str]:
     """rouge-score's default tokens with stemming: lowercase, runs of [a-z0-9], words
     longer than 3 characters Porter-stemmed (nltk), empty results dropped."""
     words = re.split(r"[^a-z0-9]+", text.lower())
@@ -195,11 +195,11 @@ def _lcs_length(a: list[str], b: list[str]) -> int:
     return previous[-1]
 
 
-def rouge_reference(reference: str, hypothesis: str) -> tuple[float, float, float]:
+def rouge_oracle(reference: str, hypothesis: str) -> tuple[float, float, float]:
     """(ROUGE-1 F, ROUGE-2 F, ROUGE-L F) of hypothesis against reference, with
     rouge-score's conventions (use_stemmer=True)."""
-    target = rouge_tokens_reference(reference)
-    prediction = rouge_tokens_reference(hypothesis)
+    target = rouge_tokens_oracle(reference)
+    prediction = rouge_tokens_oracle(hypothesis)
     if target and prediction:
         lcs = _lcs_length(target, prediction)
         rouge_l = _f_measure(lcs, len(prediction), len(target))
