@@ -11,5 +11,12 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# The config checked in one process first (~4 s): a bad key or value is then one line
+# naming it, not the same line followed by torchrun's ChildFailedError traceback.
+if ! check=$(WORLD_SIZE=2 .venv/bin/python -m sophiavl_mcore.train \
+    --config examples/configs/tiny_cpu.yaml --dry-run "$@" 2>&1); then
+  printf '%s\n' "$check" | tail -n 1 >&2
+  exit 1
+fi
 exec .venv/bin/torchrun --nproc-per-node 2 -m sophiavl_mcore.train \
     --config examples/configs/tiny_cpu.yaml "$@"

@@ -82,3 +82,14 @@ def test_both_jobs_share_one_model_section() -> None:
     assert trm.model.freeze_vision and trm.model.transformer_overrides() == {}
     with pytest.raises(ConfigError, match="model.tiny is the GRPO job's stand-in policy"):
         load_config(TRM, [*TRM_PATHS, "model.tiny=true"], cls=TRMTrainConfig)
+
+
+def test_main_job_script_reports_a_bad_key_in_one_line() -> None:
+    """``scripts/main_job.sh`` checks the config before torchrun (whose ChildFailedError
+    would print a traceback under our line): one line on stderr, exit 1, nothing launched."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "main_job.sh"), "train.total_steps=abc"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    ours = [line for line in proc.stderr.splitlines() if not line.startswith("[setup_env]")]
+    assert ours == ["ConfigError: train.total_steps: expected an integer, got 'abc'"], proc.stderr
+    assert "torchrun" not in proc.stdout + proc.stderr
