@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
-from sophiavl_mcore.parallel.host import host_group
+from sophiavl_mcore.parallel.collectives import host_all_gather, host_all_gather_object
 from sophiavl_mcore.rewards.stage import GroupScores
 from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult
 from sophiavl_mcore.rollout.exchange import TrainRow
@@ -149,10 +148,8 @@ def gather_scalars(layout: EngineLayout, records: Sequence[Record], roll: Engine
     """Collective: every engine's scalar columns on every rank (leaders' copies)."""
     resp, groups = engine_columns(roll, scores, oracle)
     both = torch.from_numpy(np.concatenate([resp.reshape(-1), groups.reshape(-1)]))
-    out = [torch.empty_like(both) for _ in range(layout.world)]
-    dist.all_gather(out, both, group=host_group())
-    metrics: list[Any] = [None] * layout.world
-    dist.all_gather_object(metrics, scores.trm_metrics, group=host_group())
+    out = host_all_gather(both)
+    metrics = host_all_gather_object(scores.trm_metrics)
     leaders = [layout.leader(e) for e in range(layout.num_engines)]
     split = resp.size
     all_resp = np.concatenate([out[r][:split].numpy().reshape(resp.shape) for r in leaders])

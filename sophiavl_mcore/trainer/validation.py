@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
-from sophiavl_mcore.parallel.host import host_group
+from sophiavl_mcore.parallel.collectives import host_all_gather
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +65,7 @@ def evaluate(trainer: Any, records: Sequence[Record]) -> dict[str, float]:
         logger.exception("validation failed on rank %d", trainer.info.rank)
         local, failed = np.zeros((per, 3)), 1.0
     flat = torch.from_numpy(np.concatenate([local.reshape(-1), [failed]]))
-    out = [torch.empty_like(flat) for _ in range(layout.world)]
-    dist.all_gather(out, flat, group=host_group())
+    out = host_all_gather(flat)
     if any(float(t[-1]) for t in out):
         return {"val/failed": 1.0}
     rows = np.concatenate([out[layout.leader(e)][:-1].numpy().reshape(per, 3)
