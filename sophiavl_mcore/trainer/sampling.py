@@ -28,6 +28,7 @@ from sophiavl_mcore.trainer.step_data import EngineRollout
 
 if TYPE_CHECKING:
     from sophiavl_mcore.trainer.grpo_trainer import GRPOTrainer
+    from sophiavl_mcore.trainer.metrics import PhaseTimer
 
 
 def has_signal(roll: EngineRollout, scores: GroupScores, tol: float = 1e-9) -> np.ndarray:
@@ -89,7 +90,7 @@ def _cat(parts: list[GroupScores]) -> GroupScores:
     return GroupScores(trust=trust, trm_metrics=metrics, **merged)
 
 
-def collect_groups(trainer: GRPOTrainer, step: int, timer: Any
+def collect_groups(trainer: GRPOTrainer, step: int, timer: PhaseTimer
                    ) -> tuple[list[Record], EngineRollout, GroupScores, dict[str, float]]:
     """The step's records (all engines'), this engine's rollout and scores, metrics;
     ``timer``: a :class:`~sophiavl_mcore.trainer.metrics.PhaseTimer` (``rollout`` for

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -30,6 +30,9 @@ from sophiavl_mcore.trainer.loss import GRPOLossConfig
 from sophiavl_mcore.trainer.optim import OptimConfig
 from sophiavl_mcore.trainer.reference_model import ReferenceConfig
 from sophiavl_mcore.weight_sync.config import WeightSyncConfig
+
+if TYPE_CHECKING:
+    from sophiavl_mcore.testing.tiny_models import TinyModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +187,7 @@ def model_dir(cfg: GRPOTrainConfig) -> Path:
     return Path(cfg.output_dir) / "tiny_model" if cfg.model.tiny else Path(cfg.model.hf_dir)
 
 
-def tiny_spec(cfg: GRPOTrainConfig) -> Any:
+def tiny_spec(cfg: GRPOTrainConfig) -> TinyModelSpec:
     from sophiavl_mcore.testing.tiny_models import TinyModelSpec
 
     # two KV heads so that TP=2 splits the query groups

@@ -37,7 +37,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +46,9 @@ from sophiavl_mcore.data.prompts import IMAGE_PAD, PromptConfig, build_prompt, e
 from sophiavl_mcore.data.records import Record, RecordError, read_raw_records
 from sophiavl_mcore.rewards.thinking import ThinkingRequest, ThinkingRewardConfig, build_messages
 from sophiavl_mcore.trainer.sft import SFTExample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ def score_text(score: float) -> str:
     return f"<answer>{math.floor(score * 10 + 0.5) / 10:.1f}</answer>"
 
 
-def trm_prompt(chat: Any, record: ThinkingRecord, thinking: ThinkingRewardConfig) -> str:
+def trm_prompt(chat: PreTrainedTokenizerBase, record: ThinkingRecord, thinking: ThinkingRewardConfig) -> str:
     """The TRM prompt (chat template applied, generation prompt open) for ``record``.
 
     Built with the client's own :func:`~sophiavl_mcore.rewards.thinking.build_messages`
@@ -183,7 +186,7 @@ class ExampleBuilder:
     loader) and ``data/skipped_too_long``; ``data/examples`` counts built ones.
     """
 
-    def __init__(self, tokenizer: Any, image_cfg: ImageConfig | None = None,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_cfg: ImageConfig | None = None,
                  max_seq_len: int = 4096, image_loader: ImageLoader | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_cfg = image_cfg or ImageConfig()
