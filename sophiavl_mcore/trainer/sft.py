@@ -201,7 +201,6 @@ class SFTTrainer:
         self.pad_id = pad_id
         self.device = device
         self.dp = parallel_state.get_data_parallel_world_size()
-        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         cfg.check_dp(self.dp)
 
     # -- helpers -----------------------------------------------------------------------
