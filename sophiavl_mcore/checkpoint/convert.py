@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from sophiavl_mcore.checkpoint.atomic import atomic_dir
 from sophiavl_mcore.checkpoint.manifest import CHECKSUMS, verify_dir, write_checksums
 from sophiavl_mcore.checkpoint.mapping import ConversionPlan, build_plan, default_hf_prefix
 from sophiavl_mcore.checkpoint.st_io import (
@@ -229,6 +230,11 @@ def convert_mcore_to_hf(
     and the meta and every shard must be listed). ``serving_files_from``: an HF dir whose
     tokenizer / processor / generation files (:data:`SERVING_FILES`) are copied. The
     output ends with ``checksums.json`` over everything written.
+
+    Atomic (:func:`~sophiavl_mcore.checkpoint.atomic.atomic_dir`): everything is written
+    into a temp sibling of ``out_dir`` that is renamed into place at the end, replacing
+    an existing ``out_dir``; a failure or a killed process leaves ``out_dir`` absent or
+    as it was, never half written.
     """
     mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
     if verify:
@@ -236,6 +242,23 @@ def convert_mcore_to_hf(
     meta = read_meta(mcore_dir)
     plan = plan_from_meta(meta)
     readers = _open_rank_files(mcore_dir, plan)
+    with atomic_dir(out_dir) as tmp:
+        _write_hf_weights(tmp, plan, readers, max_shard_bytes, progress)
+        (tmp / "config.json").write_text(json.dumps(meta["hf_config"], indent=2))
+        if serving_files_from is not None:
+            for name in SERVING_FILES:
+                src = Path(serving_files_from) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        write_checksums(tmp)
+    return out_dir
+
+
+def _write_hf_weights(out_dir: Path, plan: ConversionPlan,
+                      readers: Mapping[tuple[int, int], LazyTensorFiles], max_shard_bytes: int,
+                      progress: bool) -> None:
+    """The merged HF tensors as safetensors files of at most ``max_shard_bytes`` each
+    (+ ``model.safetensors.index.json`` when there are several)."""
     rules = [r for r in plan.rules if not r.mirror]
     dtypes = {r.mcore + str(r.stage): dtype_from_code(readers[(0, r.stage)].meta(r.mcore)[0])
               for r in rules}
@@ -252,7 +275,6 @@ def convert_mcore_to_hf(
         size += n
     names = (["model.safetensors"] if len(files) == 1 else
              [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
-    out_dir.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     bar = tqdm(total=len(rules), desc="mcore->hf", unit="tensor", disable=not progress)
     for fname, group in zip(names, files, strict=True):
@@ -274,14 +296,6 @@ def convert_mcore_to_hf(
                     ((dtypes[r.mcore + str(r.stage)], s) for r in rules for s in r.hf_shapes))
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    (out_dir / "config.json").write_text(json.dumps(meta["hf_config"], indent=2))
-    if serving_files_from is not None:
-        for name in SERVING_FILES:
-            src = Path(serving_files_from) / name
-            if src.is_file():
-                shutil.copy2(src, out_dir / name)
-    write_checksums(out_dir)
-    return out_dir
 
 
 def conversion_meta(hf_dir: str | Path, tp: int, pp: int, *, layers_per_stage: list[int] | None = None,

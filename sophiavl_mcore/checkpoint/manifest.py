@@ -4,7 +4,7 @@ check readers run before they trust the files.
 Two manifests exist:
 
 - a training checkpoint's ``manifest.json`` (format :data:`TRAIN_FORMAT`, written by
-  ``trainer.checkpointing.CheckpointManager``), sealed by ``COMPLETE``, which records
+  ``checkpoint.training.CheckpointManager``), sealed by ``COMPLETE``, which records
   the manifest's own sha256;
 - ``checksums.json`` (format :data:`CHECKSUMS_FORMAT`) beside the files of an HF export
   or a Megatron conversion::

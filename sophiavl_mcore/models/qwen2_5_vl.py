@@ -179,11 +179,37 @@ class Qwen25VLModel(torch.nn.Module):
         out = self.visual(pixel_values.to(dtype), grid_thw=image_grid_thw)
         return out.pooler_output
 
+    def shared_image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                                image_index: torch.Tensor) -> torch.Tensor:
+        """Embeddings of images that repeat, the vision tower run once per distinct image.
+
+        ``pixel_values`` / ``image_grid_thw`` [U, 3] hold the U distinct images;
+        ``image_index`` int64 [I] names, for each image occurrence in token order, its
+        distinct image. Returns [sum over occurrences of tokens, H_lm] — the same as
+        :meth:`image_embeddings` of the repeated images, with the gradient of a repeated
+        image summed over its occurrences (a GRPO group's samples share one image).
+        """
+        if image_index.dim() != 1 or (image_index.numel() and (
+                int(image_index.min()) < 0 or int(image_index.max()) >= image_grid_thw.shape[0])):
+            raise VLInputError(f"image_index must be [num_images] in [0, {image_grid_thw.shape[0]}); "
+                               f"got {image_index.tolist()}")
+        feats = self.image_embeddings(pixel_values, image_grid_thw)
+        patches = image_grid_thw.prod(-1)
+        # Every image's patches are merged by the same factor: tokens per image follow.
+        tokens = patches * feats.shape[0] // int(patches.sum())
+        starts = torch.cumsum(tokens, 0) - tokens
+        counts, firsts = tokens[image_index], starts[image_index]
+        out_starts = torch.cumsum(counts, 0) - counts
+        total = int(counts.sum())
+        within = torch.arange(total, device=feats.device) - torch.repeat_interleave(out_starts, counts)
+        return feats.index_select(0, torch.repeat_interleave(firsts, counts) + within)
+
     def _embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_grid_thw: torch.Tensor | None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """First-stage decoder input [S,B,H] (or [S/TP,B,H] with sequence parallel)."""
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
@@ -191,7 +217,8 @@ class Qwen25VLModel(torch.nn.Module):
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise VLInputError("pixel_values given without image_grid_thw")
-            feats = self.image_embeddings(pixel_values, image_grid_thw)
+            feats = (self.image_embeddings(pixel_values, image_grid_thw) if image_index is None
+                     else self.shared_image_embeddings(pixel_values, image_grid_thw, image_index))
             if feats.shape[0] != image_pos.shape[0]:
                 raise VLInputError(
                     f"{image_pos.shape[0]} image tokens (id {self.tokens.image_token_id}) in "
@@ -220,6 +247,7 @@ class Qwen25VLModel(torch.nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One stage's forward.
 
@@ -234,6 +262,9 @@ class Qwen25VLModel(torch.nn.Module):
             image_grid_thw: [num_images, 3] patch grid per image (also needed on later
                 stages when ``position_ids`` is ``None``).
             labels: [B,S] target ids; the last stage then returns the per-token loss.
+            image_index: int64 [num_image_occurrences] or None: ``pixel_values`` /
+                ``image_grid_thw`` then hold only distinct images and occurrence k shows
+                image ``image_index[k]`` (:meth:`shared_image_embeddings`).
 
         Returns:
             Last stage: logits [B,S,V_pad/TP] (vocab-parallel; columns beyond the HF
@@ -243,7 +274,9 @@ class Qwen25VLModel(torch.nn.Module):
         if input_ids.dim() != 2:
             raise VLInputError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
         if position_ids is None:
-            position_ids = self.compute_position_ids(input_ids, image_grid_thw, attention_mask)
+            grids = (image_grid_thw if image_index is None or image_grid_thw is None
+                     else image_grid_thw[image_index])
+            position_ids = self.compute_position_ids(input_ids, grids, attention_mask)
         elif position_ids.shape != (3, *input_ids.shape):
             raise VLInputError(
                 f"position_ids must be [3, B, S] = [3, {input_ids.shape[0]}, "
@@ -252,7 +285,7 @@ class Qwen25VLModel(torch.nn.Module):
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = padding_to_attention_mask(attention_mask)
         decoder_input = (
-            self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+            self._embed(input_ids, pixel_values, image_grid_thw, image_index) if self.pre_process else None
         )
         return self.language_model(
             input_ids=input_ids,

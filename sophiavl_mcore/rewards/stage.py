@@ -53,19 +53,29 @@ def outcome_scores(records: Sequence[Record], texts: Sequence[Sequence[str]], cf
 
 
 def thinking_requests(records: Sequence[Record], texts: Sequence[Sequence[str]],
-                      images: Sequence[Any], graded: np.ndarray) -> tuple[list[int], list[Any]]:
-    """(flat indices, TRM requests) of the responses the TRM grades (``graded`` [M])."""
+                      images: Sequence[Any], graded: np.ndarray) -> tuple[list[list[int]], list[Any]]:
+    """TRM requests for the responses ``graded`` [M] marks, each distinct reply of a group
+    once, and for each request the flat indices of the responses it scores.
+
+    A group's samples often repeat a reply word for word (a policy that has learned the
+    task converges on one); the TRM grades (question, image, reply) at temperature 0, so
+    one request scores every copy."""
     from sophiavl_mcore.rewards.thinking import ThinkingRequest
 
-    idx, reqs = [], []
+    targets: list[list[int]] = []
+    reqs: list[Any] = []
     k = 0
     for r, group, image in zip(records, texts, images, strict=True):
+        seen: dict[str, int] = {}  # reply text -> its request in ``reqs``
         for t in group:
             if graded[k]:
-                idx.append(k)
-                reqs.append(ThinkingRequest(r.problem, t, [image] if image is not None else []))
+                if t not in seen:
+                    seen[t] = len(reqs)
+                    targets.append([])
+                    reqs.append(ThinkingRequest(r.problem, t, [image] if image is not None else []))
+                targets[seen[t]].append(k)
             k += 1
-    return idx, reqs
+    return targets, reqs
 
 
 def score_groups(records: Sequence[Record], texts: Sequence[Sequence[str]], images: Sequence[Any],
@@ -84,12 +94,15 @@ def score_groups(records: Sequence[Record], texts: Sequence[Sequence[str]], imag
         # No <think> block to grade when the format gate fails: those stay NaN (and with
         # trust_grpo.thinking_min_outcome, low outcomes get 0 without a TRM call).
         graded = needs_thinking_score(scores.reward, scores.well_formed, cfg.trust_grpo)
-        idx, reqs = thinking_requests(records, texts, images, graded)
+        targets, reqs = thinking_requests(records, texts, images, graded)
         if reqs:
             ts = trm.score(reqs)
-            thinking[idx] = ts.scores
+            for rows, score in zip(targets, ts.scores, strict=True):
+                thinking[rows] = score
             trm_metrics = ts.metrics("reward/trm")
             trm_metrics["reward/trm_failures"] = float(sum(ts.failures.values()))
+            trm_metrics["reward/trm_requests"] = float(len(reqs))
+            trm_metrics["reward/trm_repeats_frac"] = 1.0 - len(reqs) / float(graded.sum())
     if agree is not None:
         thinking = agree(thinking)
     trust = trust_grpo(scores.reward, thinking, group_size=n, step=step, total_steps=total_steps,

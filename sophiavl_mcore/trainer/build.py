@@ -86,16 +86,17 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
     """Collective over the job's ranks (``torchrun``)."""
     from transformers import AutoTokenizer
 
+    from sophiavl_mcore.checkpoint.convert import conversion_meta
+    from sophiavl_mcore.checkpoint.hf import load_hf_weights
+    from sophiavl_mcore.checkpoint.training import CheckpointManager
     from sophiavl_mcore.data.images import ImageLoader
     from sophiavl_mcore.data.records import build_sampler
     from sophiavl_mcore.parallel import initialize_parallel
     from sophiavl_mcore.rewards.trm_server import serve_trm
     from sophiavl_mcore.rollout.interface import vision_token_ids
     from sophiavl_mcore.rollout.spmd import build_spmd_engine
-    from sophiavl_mcore.trainer.checkpointing import CheckpointManager, conversion_meta
     from sophiavl_mcore.trainer.optim import build_optimizer, check_backend, wrap_ddp
     from sophiavl_mcore.trainer.reference_model import ReferenceModel
-    from sophiavl_mcore.trainer.sft import load_hf_weights
     from sophiavl_mcore.trainer.sft_data import image_config_for
     from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
 

@@ -128,7 +128,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 def _model_forward(model: torch.nn.Module, t: dict[str, torch.Tensor | None]) -> torch.Tensor:
     """One Qwen2.5-VL stage's forward (images on the first stage, M-RoPE everywhere)."""
     return model(t["input_ids"], position_ids=t["position_ids"],
-                 pixel_values=t["pixel_values"], image_grid_thw=t["image_grid_thw"])
+                 pixel_values=t["pixel_values"], image_grid_thw=t["image_grid_thw"],
+                 image_index=t.get("image_index"))
 
 
 def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float,

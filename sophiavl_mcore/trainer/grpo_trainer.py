@@ -44,13 +44,13 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
     from transformers import PreTrainedTokenizerBase
 
+    from sophiavl_mcore.checkpoint.training import CheckpointManager
     from sophiavl_mcore.data.images import ImageLoader
     from sophiavl_mcore.data.records import MixedSampler
     from sophiavl_mcore.parallel import ParallelInfo
     from sophiavl_mcore.rewards.thinking import ThinkingRewardClient
     from sophiavl_mcore.rewards.trm_server import LocalTRM
     from sophiavl_mcore.rollout.vllm_engine import VllmRolloutEngine
-    from sophiavl_mcore.trainer.checkpointing import CheckpointManager
     from sophiavl_mcore.trainer.loss import GRPOLossConfig
     from sophiavl_mcore.trainer.metrics import PhaseTimer
     from sophiavl_mcore.trainer.reference_model import ReferenceModel
@@ -203,13 +203,14 @@ class GRPOTrainer:
             models["reference"] = self.reference.module
         return models
 
-    def export(self) -> Path | None:
-        """Final Megatron shards and the HF export under ``output_dir/final``."""
-        from sophiavl_mcore.trainer.sft import save_and_export
+    def export(self) -> Path:
+        """Final Megatron shards and the HF export under ``output_dir/final`` (``mcore``,
+        ``hf``; collective, atomic: :func:`~sophiavl_mcore.checkpoint.hf.export_hf`)."""
+        from sophiavl_mcore.checkpoint.hf import export_hf
 
-        _, hf = save_and_export(self.model, self.info, self.meta, Path(self.cfg.output_dir) / "final",
-                                source_hf_dir=model_dir(self.cfg))
-        return hf
+        final = Path(self.cfg.output_dir) / "final"
+        return export_hf(self.model, final / "hf", source_hf_dir=model_dir(self.cfg),
+                         model_meta=self.meta, mcore_dir=final / "mcore")
 
     def close(self) -> None:
         from sophiavl_mcore.parallel import destroy_parallel

@@ -64,7 +64,8 @@ class MicroBatch:
             ``response_mask`` fp32 [B,S] (1 at output
             positions that score a response token in the loss), ``advantages`` fp32 [B],
             ``old_logprobs`` / ``ref_logprobs`` / ``rollout_logprobs`` fp32 [B,S] when the
-            batch has them, ``pixel_values`` / ``image_grid_thw`` or None.
+            batch has them, ``pixel_values`` / ``image_grid_thw`` or None (the distinct
+            images, with ``image_index`` int64 [images] when samples share one).
         prompt_lens / response_lens: P_i and R_i of the rows.
         num_tokens: non-padding input tokens (prompt + response) of the rows.
     """
@@ -250,7 +251,8 @@ class RolloutBatch:
         if self.position_ids is None:
             raise ValueError("RolloutBatch.position_ids not computed; call ensure_position_ids(model)")
         total = [p + r for p, r in zip(self.prompt_lens, self.response_lens, strict=True)]
-        order = sorted(range(len(self)), key=lambda i: total[i])
+        # Ties by group: a group's samples (one shared image) land in the same micro-batch.
+        order = sorted(range(len(self)), key=lambda i: (total[i], int(self.group_ids[i])))
         out = []
         for s in range(0, len(order), micro_batch_size):
             idx = order[s:s + micro_batch_size]
@@ -266,6 +268,9 @@ class RolloutBatch:
                     self.image_grid_thw[i] if self.image_grid_thw is not None else None,
                     source=f"rollout response {i}"))
             mb = collate(examples, self.pad_id, pad_to_multiple_of)
+            if self.pixel_values is not None:
+                mb.update(_distinct_images([self.pixel_values[i] for i in idx],
+                                           [self.image_grid_thw[i] for i in idx]))
             out.append(self._micro_batch(idx, mb))
         return out
 
@@ -281,6 +286,8 @@ class RolloutBatch:
             "pixel_values": mb["pixel_values"], "image_grid_thw": mb["image_grid_thw"],
             "advantages": self.advantages[idx],
         }
+        if mb.get("image_index") is not None:
+            tensors["image_index"] = mb["image_index"]
         for name in _PER_TOKEN:
             values = getattr(self, name)
             if values is not None:
@@ -290,3 +297,27 @@ class RolloutBatch:
             raise RuntimeError("response positions disagree with collate's loss_mask (layout bug)")
         return MicroBatch(idx, tensors, plens, rlens, mb["num_input_tokens"])
 
+
+def _distinct_images(pixel_values: Sequence[torch.Tensor | None],
+                     grids: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """A micro-batch's images with each shared tensor object once (the samples of a group
+    share their prompt's image tensor): ``pixel_values`` [patches, D] and
+    ``image_grid_thw`` [U, 3] of the distinct images, and ``image_index`` int64
+    [images in row order] naming each occurrence's distinct image — or ``None`` when
+    nothing repeats (then the collated tensors are used as they are)."""
+    first: dict[int, int] = {}  # id(tensor) -> first image row of it among the distinct
+    pvs, gs, index = [], [], []
+    rows = 0
+    for pv, grid in zip(pixel_values, grids, strict=True):
+        if pv is None:
+            continue
+        if id(pv) not in first:
+            first[id(pv)] = rows
+            pvs.append(pv)
+            gs.append(grid)
+            rows += grid.shape[0]
+        index.extend(range(first[id(pv)], first[id(pv)] + grid.shape[0]))
+    if rows == len(index):
+        return {}
+    return {"pixel_values": torch.cat(pvs), "image_grid_thw": torch.cat(gs),
+            "image_index": torch.tensor(index, dtype=torch.long)}

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from sophiavl_mcore.data.records import Record
 from sophiavl_mcore.parallel.collectives import host_all_gather, host_all_reduce
 from sophiavl_mcore.rewards.stage import GroupScores
-from sophiavl_mcore.trainer.step_data import EngineRollout
+from sophiavl_mcore.trainer.step_data import EngineRollout, is_counter
 
 if TYPE_CHECKING:
     from sophiavl_mcore.trainer.grpo_trainer import GRPOTrainer
@@ -86,7 +86,7 @@ def _cat(parts: list[GroupScores]) -> GroupScores:
     metrics: dict[str, float] = {}
     for p in parts:
         for k, v in p.trm_metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + v if "fail" in k else v
+            metrics[k] = metrics.get(k, 0.0) + v if is_counter(k) else v
     return GroupScores(trust=trust, trm_metrics=metrics, **merged)
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from sophiavl_mcore.checkpoint.config import CheckpointConfig
 from sophiavl_mcore.data.images import ImageConfig
 from sophiavl_mcore.data.prompts import PromptConfig
 from sophiavl_mcore.data.records import DataConfig, DataSourceConfig
@@ -25,7 +26,6 @@ from sophiavl_mcore.data.visual_task import VisualTaskConfig
 from sophiavl_mcore.parallel import ParallelConfig
 from sophiavl_mcore.rewards.config import RewardsConfig
 from sophiavl_mcore.rollout.config import RolloutConfig
-from sophiavl_mcore.trainer.checkpointing import CheckpointConfig
 from sophiavl_mcore.trainer.loss import GRPOLossConfig
 from sophiavl_mcore.trainer.optim import OptimConfig
 from sophiavl_mcore.trainer.reference_model import ReferenceConfig

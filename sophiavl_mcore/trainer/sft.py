@@ -25,8 +25,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, NotRequired, TypedDict, TypeVar, cast
 
 import torch
 
@@ -122,6 +121,9 @@ class SFTMicroBatch(TypedDict):
     num_input_tokens: int
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    # Rollout micro-batches whose samples share an image: each image row's distinct image
+    # (set by RolloutBatch.micro_batches, never by collate).
+    image_index: NotRequired[torch.Tensor | None]
 
 
 def collate(examples: Sequence[SFTExample], pad_id: int, pad_to_multiple_of: int = 8
@@ -298,63 +300,3 @@ class SFTTrainer:
             return self.run_batch(local, forward_only=True)["loss"]
         finally:
             self.model.train(was_training)
-
-
-# ------------------------------------------------------------------ model setup / export
-
-
-def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, info: Any,
-                    vocab_divisible_by: int = 1) -> dict[str, Any]:
-    """Fill this rank's Qwen2.5-VL stage from an HF checkpoint via the conversion plan.
-
-    Returns the checkpoint meta (layout, prefix, HF config) that
-    :func:`save_and_export` writes next to the trained shards.
-    """
-    from sophiavl_mcore.checkpoint import FORMAT, load_hf_into_model
-    from sophiavl_mcore.models.hf_config import load_config_json
-
-    view = model.checkpoint_module() if hasattr(model, "checkpoint_module") else model
-    plan = load_hf_into_model(
-        view, hf_dir, info.tp, info.pp, info.tp_rank, info.pp_rank,
-        layers_per_stage=list(info.layers_per_stage) if info.layers_per_stage else None,
-        vocab_divisible_by=vocab_divisible_by)
-    cfg = load_config_json(hf_dir)
-    return {
-        "format": FORMAT, "version": 1, "tp": info.tp, "pp": info.pp,
-        "layers_per_stage": plan.layers_per_stage, "te": plan.te, "hf_prefix": plan.hf_prefix,
-        "vocab_divisible_by": vocab_divisible_by, "vocab_padded": plan.vocab_padded,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "hf_config": cfg,
-    }
-
-
-def save_and_export(model: torch.nn.Module, info: Any, meta: dict[str, Any], out_dir: str | Path,
-                    source_hf_dir: str | Path | None = None) -> tuple[Path, Path | None]:
-    """Save this rank's Megatron shard to ``out_dir/mcore``; rank 0 then exports HF.
-
-    Every rank must call it (it synchronises). Rank 0 writes ``checksums.json`` over
-    the saved shards; the HF export (``out_dir/hf``) is merged from them by
-    :func:`sophiavl_mcore.checkpoint.convert_mcore_to_hf` with the tokenizer /
-    processor / generation files copied from ``source_hf_dir`` (so that ``vllm serve
-    out_dir/hf`` works) and its own ``checksums.json``. Returns ``(mcore_dir, hf_dir or
-    None)``.
-    """
-    from sophiavl_mcore.checkpoint import convert_mcore_to_hf, save_mcore_shard
-    from sophiavl_mcore.checkpoint.manifest import write_checksums
-
-    out = Path(out_dir)
-    mcore_dir, hf_dir = out / "mcore", out / "hf"
-    view = model.checkpoint_module() if hasattr(model, "checkpoint_module") else model
-    if info.dp_rank == 0:  # DP replicas hold identical weights
-        save_mcore_shard(view, mcore_dir, info.tp_rank, info.pp_rank,
-                         meta=meta if info.rank == 0 else None)
-    torch.distributed.barrier()
-    if info.rank != 0:
-        torch.distributed.barrier()
-        return mcore_dir, None
-    write_checksums(mcore_dir)
-    # The shards were written a moment ago by this job: converted without re-hashing.
-    convert_mcore_to_hf(mcore_dir, hf_dir, progress=False, verify=False,
-                        serving_files_from=source_hf_dir)
-    torch.distributed.barrier()
-    logger.info("saved Megatron shards to %s and the HF export to %s", mcore_dir, hf_dir)
-    return mcore_dir, hf_dir

@@ -175,13 +175,18 @@ def gather_scalars(layout: EngineLayout, records: Sequence[Record], roll: Engine
                        _merge_trm([metrics[r] for r in leaders]), per_engine)
 
 
+def is_counter(metric: str) -> bool:
+    """TRM metrics that count (failures, requests sent): summed, not averaged."""
+    return "fail" in metric or metric.endswith("_requests")
+
+
 def _merge_trm(per_engine: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Counters (``*fail*``) add up over engines; everything else is averaged."""
+    """Counters (``*fail*``, ``*_requests``) add up over engines; the rest is averaged."""
     keys = sorted({k for m in per_engine for k in m})
     out = {}
     for k in keys:
         vals = [m[k] for m in per_engine if k in m]
-        out[k] = float(np.sum(vals)) if "fail" in k else float(np.mean(vals))
+        out[k] = float(np.sum(vals)) if is_counter(k) else float(np.mean(vals))
     return out
 
 

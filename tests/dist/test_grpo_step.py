@@ -147,12 +147,12 @@ def _logprob_change(ddp, share, before: list[torch.Tensor]) -> list[float]:
 
 
 def _layout(rank: int, root: Path, name: str, tp: int, pp: int) -> dict:
+    from sophiavl_mcore.checkpoint.hf import export_hf, load_hf_weights
     from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
     from sophiavl_mcore.trainer.loss import GRPOLossConfig
     from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer, wrap_ddp
     from sophiavl_mcore.trainer.reference_model import ReferenceModel
-    from sophiavl_mcore.trainer.sft import load_hf_weights, save_and_export
 
     model_dir = root / "tiny_vl"
     raw = torch.load(root / "case.pt", weights_only=True)["batch"]
@@ -191,7 +191,7 @@ def _layout(rank: int, root: Path, name: str, tp: int, pp: int) -> dict:
     out["step"] = grpo_train_step(ddp, optimizer, scheduler, share, loss_cfg, MICRO_BATCH,
                                   TEMPERATURE)
     out["step_change"] = _max_change(model, before)
-    save_and_export(model, info, meta, root / name)
+    export_hf(model, root / name / "hf", model_meta=meta, mcore_dir=root / name / "mcore")
 
     if name == "tp2":  # (d) sign check; the reference stays where it was
         out["delta"] = _logprob_change(ddp, share, old.logprobs)
@@ -335,6 +335,34 @@ def test_rollout_batch_micro_batch_layout():
         assert mb.num_tokens == sum(batch.prompt_lens[i] + batch.response_lens[i] for i in mb.indices)
     half = batch.shard(1, 2)
     assert half.problem_types == ["ocr", "ocr"] and half.group_ids.tolist() == [1, 1]
+
+
+def test_rollout_batch_micro_batches_share_group_images():
+    """A group's samples share their prompt's image tensor: a micro-batch carries each
+    distinct image once plus ``image_index``, which restores the per-sample images."""
+    from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
+
+    img = [torch.randn(16, 8), torch.randn(4, 8)]
+    grid = [torch.tensor([[1, 4, 4]]), torch.tensor([[1, 2, 2]])]
+    groups = [0, 1, 0, 1, 0]
+    batch = RolloutBatch(
+        prompt_ids=[torch.arange(6) + 10] * 5, response_ids=[torch.arange(3) + 20] * 5,
+        advantages=torch.zeros(5), group_ids=groups, problem_types=["numerical"] * 5,
+        pixel_values=[img[g] for g in groups], image_grid_thw=[grid[g] for g in groups], pad_id=3)
+    batch.position_ids = [torch.zeros(3, 9, dtype=torch.long)] * 5
+    mbs = batch.micro_batches(micro_batch_size=5, pad_to_multiple_of=4)
+    assert len(mbs) == 1
+    t, rows = mbs[0].tensors, mbs[0].indices
+    assert [groups[i] for i in rows] == [0, 0, 0, 1, 1]  # equal lengths: grouped
+    assert t["pixel_values"].shape == (20, 8) and t["image_grid_thw"].tolist() == [[1, 4, 4], [1, 2, 2]]
+    assert t["image_index"].tolist() == [0, 0, 0, 1, 1]
+    per_image = torch.split(t["pixel_values"], [16, 4])
+    restored = torch.cat([per_image[k] for k in t["image_index"].tolist()])
+    assert torch.equal(restored, torch.cat([img[groups[i]] for i in rows]))
+    # distinct tensors (no sharing): the collated images as they are, no index
+    batch.pixel_values = [x.clone() for x in batch.pixel_values]
+    t = batch.micro_batches(micro_batch_size=5, pad_to_multiple_of=4)[0].tensors
+    assert "image_index" not in t and t["pixel_values"].shape == (16 * 3 + 4 * 2, 8)
 
 
 def test_rollout_batch_rejects_bad_input_with_names():

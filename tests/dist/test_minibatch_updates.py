@@ -31,8 +31,8 @@ CLIP = 0.2
 
 
 def _fresh(root: Path, info, lr: float):
+    from sophiavl_mcore.checkpoint.hf import load_hf_weights
     from sophiavl_mcore.trainer.optim import OptimConfig, build_optimizer, wrap_ddp
-    from sophiavl_mcore.trainer.sft import load_hf_weights
 
     model = _build(root / "tiny_vl", info)
     load_hf_weights(model, root / "tiny_vl", info)

@@ -235,6 +235,25 @@ def _bad_input_messages(model, batch: dict) -> list[str]:
     return messages
 
 
+def _shared_image_check(model, batch: dict) -> dict:
+    """Both samples show image A (6 tokens each, like B): the tower run once with
+    ``image_index`` vs the tower run on A twice — logits and vision-tower grads."""
+    n_a = int(batch["image_grid_thw"][0].prod())
+    pv_a, grid_a = batch["pixel_values"][:n_a], batch["image_grid_thw"][:1]
+    variants = (dict(pixel_values=torch.cat([pv_a, pv_a]), image_grid_thw=grid_a.repeat(2, 1)),
+                dict(pixel_values=pv_a, image_grid_thw=grid_a, image_index=torch.tensor([0, 0])))
+    runs = []
+    for kwargs in variants:
+        model.zero_grad(set_to_none=True)
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        (out.float().square() * batch["attention_mask"][..., None]).sum().backward()
+        runs.append((out.detach(), {n: p.grad.clone() for n, p in model.visual.named_parameters()}))
+    (repeated, g_rep), (shared, g_shared) = runs
+    return {"logits_diff": (repeated - shared).abs().max().item(),
+            "grad_diff": max((g_rep[n] - g_shared[n]).abs().max().item() for n in g_rep),
+            "grad_scale": max(g.abs().max().item() for g in g_rep.values())}
+
+
 def _worker(rank: int, case_dir: str) -> dict:
     from megatron.core import parallel_state
 
@@ -254,6 +273,7 @@ def _worker(rank: int, case_dir: str) -> dict:
 
         if (tp, pp) == LAYOUTS[0]:
             entry["errors"] = _bad_input_messages(model, batch)
+            entry["shared_image"] = _shared_image_check(model, batch)
         model.eval()
         with torch.no_grad():  # every stage takes part in both schedules
             store = _run_schedule(model, batch, forward_only=True)
@@ -321,6 +341,9 @@ def test_logits_and_vision_grads_match_transformers(dist_launch, vl_case):
         n_params = first[0]["n_visual_params"]
         assert all(e["tp_averaged"] == (0 if tp == 1 else n_params) for e in first)
         assert all(not e["has_visual"] for e in entries if e["stage"] != 0)
+    shared = per_rank[0][LAYOUTS[0]]["shared_image"]  # one tower pass per distinct image
+    assert shared["grad_scale"] > 1e-3, shared
+    assert shared["logits_diff"] <= TOL and shared["grad_diff"] <= TOL * shared["grad_scale"], shared
     errors = per_rank[0][LAYOUTS[0]]["errors"]
     assert len(errors) == 4, errors
     assert "sample 1: image placeholder run at token 2" in errors[0]

@@ -103,7 +103,8 @@ def _weights(model) -> dict:
 
 
 def _manager(root: Path, hf_dir: Path, tp: int):
-    from sophiavl_mcore.trainer.checkpointing import CheckpointManager, conversion_meta
+    from sophiavl_mcore.checkpoint.convert import conversion_meta
+    from sophiavl_mcore.checkpoint.training import CheckpointManager
 
     meta = conversion_meta(hf_dir, tp, 1, vocab_divisible_by=PAD_DIVISOR)
     return CheckpointManager(root, keep_last=2, save_interval=HALF, model_meta=meta)
@@ -150,7 +151,7 @@ def _megatron_logits(ddp):
 
 def _second_launch(rank: int, hf_dir: Path, root: Path, work: Path) -> dict:
     from sophiavl_mcore.checkpoint import CheckpointError
-    from sophiavl_mcore.trainer.hf_export import export_hf
+    from sophiavl_mcore.checkpoint.hf import export_hf
 
     res: dict = {}
     info, model, ddp, opt, sch, cfg = _build(hf_dir, 1)  # TP=1 × DP=2: another layout
@@ -171,7 +172,8 @@ def _second_launch(rank: int, hf_dir: Path, root: Path, work: Path) -> dict:
     mgr.save(TOTAL, ddp, opt, sch, extra_state={"policy_version": TOTAL})
     res["complete_steps"] = mgr.complete_steps()
     res["logits"] = _megatron_logits(ddp)
-    live = export_hf(ddp, work / "hf_live", source_hf_dir=hf_dir, model_meta=mgr.model_meta)
+    live = export_hf(ddp, work / "hf_live", source_hf_dir=hf_dir, model_meta=mgr.model_meta,
+                     mcore_dir=work / "mcore_live")
     if rank == 0:
         export_hf(root, work / "hf_ckpt", source_hf_dir=hf_dir)
     res["live_dir"] = str(live)

@@ -174,14 +174,15 @@ def test_hf_export_has_the_trained_config(main_job) -> None:
     assert any(hf.glob("*.safetensors"))
 
 
-def test_dry_run_prints_layout_without_building(tmp_path, capfd) -> None:
+def test_dry_run_prints_layout_without_building(tmp_path, capfd, monkeypatch) -> None:
     from sophiavl_mcore.train import main
 
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the README's torchrun --nproc-per-node 2
     assert main(["--config", str(RECIPE), f"output_dir={tmp_path}", "--dry-run"]) == 0
     err = capfd.readouterr().err
     recipe = yaml.safe_load(RECIPE.read_text())
     per_step = recipe["train"]["prompts_per_step"] * recipe["rollout"]["sampling"]["n"]
-    assert "tp=2 pp=1 dp=1" in err and f"{per_step} responses/step" in err
+    assert "world=2 tp=1 pp=1 dp=2" in err and f"{per_step} responses/step" in err
     assert not (tmp_path / "tiny_model").exists()
 
 

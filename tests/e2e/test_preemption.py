@@ -25,7 +25,8 @@ from tests.e2e.conftest import IN_PROCESS_TRM, RECIPE, ROOT
 pytestmark = pytest.mark.slow
 
 TOTAL = 6
-SHORT = (f"train.total_steps={TOTAL}", "warm_start.steps=10", "train.val_every=0",
+# TP=2: the resumed checkpoint is sharded (the recipe itself trains data-parallel).
+SHORT = ("parallel.tp=2", f"train.total_steps={TOTAL}", "warm_start.steps=10", "train.val_every=0",
          "train.log_samples_every=0", "checkpoint.save_interval=0", "export_hf=false",
          "train.prompts_per_step=8", *IN_PROCESS_TRM)
 

@@ -30,7 +30,8 @@ TINY_WRAPPER = ROOT / "examples" / "slurm" / "tiny_cpu.sh"
 _GLOBAL_RANKS = re.compile(r"\bglobal_ranks=\[([\d, ]+)\]")
 # The thinking reward is graded in-process: a TRM server on 127.0.0.1 is not reachable
 # from a second node (multi-node jobs point rewards.thinking.base_url at their own).
-SHORT = ["warm_start.steps=4", "train.val_every=0", "train.log_samples_every=0", "train.prompts_per_step=8",
+# TP=2 (the recipe trains data-parallel): the launch tests shard the model over the ranks.
+SHORT = ["parallel.tp=2", "warm_start.steps=4", "train.val_every=0", "train.log_samples_every=0", "train.prompts_per_step=8",
          "export_hf=false", "rewards.trm.serve=false", "rewards.thinking.backend=in_process"]
 
 

@@ -23,16 +23,15 @@ import pytest
 import torch
 
 from sophiavl_mcore.checkpoint import CheckpointError
-from sophiavl_mcore.data.records import MixedSampler
-from sophiavl_mcore.trainer.checkpointing import (
+from sophiavl_mcore.checkpoint.config import CheckpointConfig
+from sophiavl_mcore.checkpoint.manifest import (
     COMPLETE,
-    LATEST,
     MANIFEST,
-    CheckpointConfig,
     CheckpointCorruptError,
-    CheckpointManager,
-    _sha256,
+    sha256_file,
 )
+from sophiavl_mcore.checkpoint.training import LATEST, CheckpointManager
+from sophiavl_mcore.data.records import MixedSampler
 
 
 def _setup(seed: int = 0):
@@ -173,7 +172,7 @@ def test_keep_last_and_latest_pointer(tmp_path):
                                                             "world_size": 1}
     for rel, info in manifest["files"].items():
         path = tmp_path / "step_00000005" / rel
-        assert path.stat().st_size == info["size"] and _sha256(path) == info["sha256"]
+        assert path.stat().st_size == info["size"] and sha256_file(path) == info["sha256"]
     assert mgr.should_save(4) is False and CheckpointManager(tmp_path, save_interval=2).should_save(4)
     assert mgr.should_save(7, total_steps=7)
 
@@ -209,7 +208,7 @@ def test_manifest_tamper_and_layout_mismatch(tmp_path):
         mgr.load_latest(model, opt, sched)
     # A consistent checkpoint from another layout: both layouts are named.
     marker = json.loads((ck / COMPLETE).read_text())
-    marker["manifest_sha256"] = _sha256(ck / MANIFEST)
+    marker["manifest_sha256"] = sha256_file(ck / MANIFEST)
     (ck / COMPLETE).write_text(json.dumps(marker))
     with pytest.raises(CheckpointError) as err:
         mgr.load_latest(model, opt, sched)

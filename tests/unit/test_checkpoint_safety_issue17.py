@@ -38,9 +38,9 @@ from sophiavl_mcore.checkpoint import (
 )
 from sophiavl_mcore.checkpoint.convert import copy_shard_into, rank_file
 from sophiavl_mcore.checkpoint.extra_state import UnsafeExtraStateError
+from sophiavl_mcore.checkpoint.hf import export_hf
 from sophiavl_mcore.checkpoint.manifest import CHECKSUMS, COMPLETE, MANIFEST, CheckpointCorruptError
-from sophiavl_mcore.trainer.checkpointing import CheckpointManager
-from sophiavl_mcore.trainer.hf_export import export_hf
+from sophiavl_mcore.checkpoint.training import CheckpointManager
 
 # ------------------------------------------------------------------ extra states
 

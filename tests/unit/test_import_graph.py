@@ -23,7 +23,8 @@ place on purpose. The order below is the one the code has (decided from the real
     0  sophiavl_mcore (root, _C), checks, config, logging   leaves: no intra-package imports
     1  parallel, data          process groups / layouts; records, prompts, images
     2  models, rollout         Megatron builders (-> parallel); rollout engines (-> parallel.host)
-    3  checkpoint, rewards     HF<->Megatron maps (-> models); reward stage (-> data, rollout)
+    3  checkpoint, rewards     all on-disk state: HF<->Megatron, training checkpoints, HF export
+                               (-> models, parallel); reward stage (-> data, rollout)
     4  weight_sync, planner    trainer -> engine sync (-> checkpoint, rollout); dry-run planner
     5  trainer                 the GRPO/SFT loops (-> everything below)
     6  cli                     the command line shared by the entry points

@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic per-rank save, exact resume, retention, HF export.
+"""Training checkpoints: atomic per-rank save, exact resume, retention (the HF export of
+a checkpoint is :func:`sophiavl_mcore.checkpoint.hf.export_hf`).
 
 A checkpoint is one directory under the run's checkpoint root::
 
@@ -67,9 +68,17 @@ from typing import Any, Literal
 
 import torch
 
-from sophiavl_mcore.checkpoint import CheckpointError
-from sophiavl_mcore.checkpoint.convert import conversion_meta
+from sophiavl_mcore.checkpoint.atomic import atomic_write_text, fsync_path
+from sophiavl_mcore.checkpoint.config import CheckpointConfig
+from sophiavl_mcore.checkpoint.convert import META_FILE, copy_shard_into
 from sophiavl_mcore.checkpoint.extra_state import sanitize_extra_states
+from sophiavl_mcore.checkpoint.layout import (
+    RankLayout,
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    current_layout,
+)
 from sophiavl_mcore.checkpoint.manifest import (
     COMPLETE,
     MANIFEST,
@@ -77,77 +86,28 @@ from sophiavl_mcore.checkpoint.manifest import (
     CheckpointCorruptError,
     check_files,
     read_training_manifest,
+    sha256_file,
 )
-from sophiavl_mcore.checkpoint.manifest import sha256_file as _sha256
-from sophiavl_mcore.trainer.checkpoint_layout import (
-    RankLayout,
-    _all_gather,
-    _barrier,
-    _broadcast,
-    current_layout,
-)
-from sophiavl_mcore.trainer.train_state import (
-    _dict_diff,
-    _json_default,
-    _load_optimizer_state,
-    _model_config,
-    _optimizer_state,
+from sophiavl_mcore.checkpoint.st_io import CheckpointError, StreamingWriter
+from sophiavl_mcore.checkpoint.train_state import (
     capture_rng_state,
+    dict_diff,
+    json_default,
+    load_optimizer_state,
+    model_config,
+    optimizer_state,
     restore_rng_state,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "COMPLETE", "LATEST", "MANIFEST", "TRAINER_STATE", "TRAIN_FORMAT", "CheckpointConfig",
-    "CheckpointCorruptError", "CheckpointManager", "LoadedCheckpoint", "RankLayout",
-    "capture_rng_state", "conversion_meta", "current_layout", "restore_rng_state",
-]
+__all__ = ["LATEST", "TRAINER_STATE", "CheckpointManager", "LoadedCheckpoint",
+           "complete_checkpoints", "unwrap_model"]
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _STALE_RE = re.compile(r"^step_\d{8}\.(tmp|old)-[0-9a-f]+$")
-
-
-@dataclasses.dataclass
-class CheckpointConfig:
-    """The ``checkpoint`` section (the one source of its defaults).
-
-    Attributes:
-        dir: checkpoint root; empty disables checkpointing.
-        save_interval: save every this many optimizer steps (and always after the last
-            step); 0 saves only after the last step.
-        keep_last: complete checkpoints kept; older ones are deleted after each save.
-        resume: ``auto`` continues from the newest complete checkpoint when one exists,
-            ``never`` starts fresh, ``must`` fails when there is none.
-        on_corrupt: ``error`` (name the bad file and stop) or ``fallback`` (warn and
-            load the previous complete checkpoint).
-        checksum: ``sha256`` hashes every file at save and each rank's own files at
-            load; ``size`` only compares sizes (faster for very large checkpoints).
-    """
-
-    dir: str = ""
-    save_interval: int = 0
-    keep_last: int = 2
-    resume: Literal["auto", "never", "must"] = "auto"
-    on_corrupt: Literal["error", "fallback"] = "error"
-    checksum: Literal["sha256", "size"] = "sha256"
-
-    def __post_init__(self) -> None:
-        errors = []
-        if self.save_interval < 0:
-            errors.append(f"save_interval={self.save_interval} must be >= 0 (0 = only at the end)")
-        if self.keep_last < 1:
-            errors.append(f"keep_last={self.keep_last} must be >= 1")
-        if self.resume not in ("auto", "never", "must"):
-            errors.append(f"resume={self.resume!r} must be one of auto, never, must")
-        if self.on_corrupt not in ("error", "fallback"):
-            errors.append(f"on_corrupt={self.on_corrupt!r} must be error or fallback")
-        if self.checksum not in ("sha256", "size"):
-            errors.append(f"checksum={self.checksum!r} must be sha256 or size")
-        if errors:
-            raise ValueError("checkpoint: " + "; ".join(errors))
 
 
 @dataclasses.dataclass
@@ -166,27 +126,7 @@ class LoadedCheckpoint:
 # ------------------------------------------------------------------ filesystem
 
 
-def _fsync_path(path: Path) -> None:
-    """Flush a file's (or directory's) data and metadata to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` so that readers see the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _step_dirs(root: Path) -> dict[int, Path]:
+def complete_checkpoints(root: Path) -> dict[int, Path]:
     """Complete checkpoints under ``root`` by step (directories with ``COMPLETE``)."""
     matches = [(_STEP_RE.match(p.name), p) for p in root.iterdir()] if root.is_dir() else []
     return {int(m.group(1)): p for m, p in matches if m and (p / COMPLETE).is_file()}
@@ -206,7 +146,7 @@ def _remove_stale(root: Path) -> list[str]:
 # ------------------------------------------------------------------ models / optimizer
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose ``state_dict`` names are the conversion plan's names."""
     while type(model).__name__ in ("DistributedDataParallel", "Float16Module") \
             and isinstance(getattr(model, "module", None), torch.nn.Module):
@@ -220,7 +160,7 @@ def _named_models(models: torch.nn.Module | Mapping[str, torch.nn.Module]
     for name in named:
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise ValueError(f"model name {name!r} must match [A-Za-z0-9_]+ (it becomes a file name)")
-    return {name: _unwrap(m) for name, m in named.items()}
+    return {name: unwrap_model(m) for name, m in named.items()}
 
 
 def _split_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -236,8 +176,6 @@ def _split_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
 
 
 def _write_tensors(module: torch.nn.Module, path: Path) -> dict[str, Any]:
-    from sophiavl_mcore.checkpoint import StreamingWriter
-
     tensors, extra = _split_state(module)
     specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
     with StreamingWriter(path, specs) as w:
@@ -250,8 +188,6 @@ def _read_tensors(module: torch.nn.Module, path: Path, extra: Mapping[str, Any],
                   extra_from: Path) -> None:
     """Copy a shard into ``module`` in place (optimizer references stay valid); extra
     states (saved in ``extra_from``) only through the restricted decoder."""
-    from sophiavl_mcore.checkpoint.convert import copy_shard_into
-
     own, _ = _split_state(module)
     copy_shard_into(own, path)
     if extra:
@@ -331,16 +267,16 @@ class CheckpointManager:
 
     def complete_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""
-        return sorted(_step_dirs(self.root))
+        return sorted(complete_checkpoints(self.root))
 
     # -- save ----------------------------------------------------------------------------
 
     def _record(self, tmp: Path, rel: str) -> tuple[str, dict[str, Any]]:
         path = tmp / rel
-        _fsync_path(path)
+        fsync_path(path)
         info: dict[str, Any] = {"size": path.stat().st_size}
         if self.checksum == "sha256":
-            info["sha256"] = _sha256(path)
+            info["sha256"] = sha256_file(path)
         if self.on_file_written is not None:
             self.on_file_written(path)
         return rel, info
@@ -357,7 +293,7 @@ class CheckpointManager:
             else:
                 extras[name] = _split_state(module)[1]
         state = {
-            "optimizer": _optimizer_state(optimizer) if optimizer is not None else None,
+            "optimizer": optimizer_state(optimizer) if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": capture_rng_state(),
             "model_extra_state": extras,
@@ -391,13 +327,13 @@ class CheckpointManager:
         named = _named_models(models)
         try:
             extra_json = json.dumps({"step": step, "extra_state": dict(extra_state or {})},
-                                    default=_json_default, indent=1)
+                                    default=json_default, indent=1)
         except TypeError as err:
             raise CheckpointError(f"extra_state for step {step} cannot be saved as JSON: {err}") from err
         if layout.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             _remove_stale(self.root)
-        nonce = _broadcast(secrets.token_hex(6) if layout.rank == 0 else None)
+        nonce = broadcast_object(secrets.token_hex(6) if layout.rank == 0 else None)
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"{final.name}.tmp-{nonce}"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -405,7 +341,7 @@ class CheckpointManager:
             files, error = self._write_rank_files(tmp, layout, named, optimizer, scheduler), None
         except Exception as err:  # reported on every rank instead of hanging the others
             files, error = {}, f"rank {layout.rank}: {err!r}"
-        gathered = _all_gather((files, error))  # also the barrier: every rank's files are durable
+        gathered = all_gather_object((files, error))  # also the barrier: every rank's files are durable
         errors = [e for _, e in gathered if e is not None]
         if errors:
             if layout.rank == 0:
@@ -415,15 +351,13 @@ class CheckpointManager:
         if layout.rank == 0:
             merged = {rel: info for part, _ in gathered for rel, info in part.items()}
             self._finish(step, tmp, final, layout, named, merged, extra_json)
-        _barrier()  # nobody returns (or starts the next save) before the rename
+        barrier()  # nobody returns (or starts the next save) before the rename
         return final
 
     def _finish(self, step: int, tmp: Path, final: Path, layout: RankLayout,
                 named: dict[str, torch.nn.Module], files: dict[str, dict[str, Any]],
                 extra_json: str) -> None:
         """Rank 0: shared files, manifest, COMPLETE, rename, ``latest``, retention."""
-        from sophiavl_mcore.checkpoint.convert import META_FILE
-
         texts = {TRAINER_STATE: extra_json}
         if self.model_meta is not None:
             texts[META_FILE] = json.dumps(self.model_meta, indent=1)
@@ -433,25 +367,25 @@ class CheckpointManager:
             files.update([self._record(tmp, rel)])
         manifest = {
             "format": TRAIN_FORMAT, "version": 1, "step": step, "layout": layout.sizes(),
-            "model_config": _model_config(named, self.model_meta),
+            "model_config": model_config(named, self.model_meta),
             "models": sorted(named), "checksum": self.checksum,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "files": dict(sorted(files.items())),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_path(tmp / MANIFEST)
+        fsync_path(tmp / MANIFEST)
         (tmp / COMPLETE).write_text(json.dumps({"step": step,
-                                                "manifest_sha256": _sha256(tmp / MANIFEST)}))
-        _fsync_path(tmp / COMPLETE)
+                                                "manifest_sha256": sha256_file(tmp / MANIFEST)}))
+        fsync_path(tmp / COMPLETE)
         for d in {(tmp / rel).parent for rel in files} | {tmp}:
-            _fsync_path(d)
+            fsync_path(d)
         old = None
         if final.exists():  # re-saving a step (e.g. after falling back to an older one)
             old = final.with_name(f"{final.name}.old-{secrets.token_hex(6)}")
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_path(self.root)
-        _atomic_write(self.root / LATEST, final.name + "\n")
+        fsync_path(self.root)
+        atomic_write_text(self.root / LATEST, final.name + "\n")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._retain(step)
@@ -459,7 +393,7 @@ class CheckpointManager:
                     sum(f["size"] for f in files.values()) / 2**20)
 
     def _retain(self, step: int) -> None:
-        steps = _step_dirs(self.root)
+        steps = complete_checkpoints(self.root)
         for s in sorted(steps):
             if s > step:  # a newer checkpoint of an abandoned timeline would win at resume
                 logger.warning("removing %s: newer than the checkpoint just saved (step %d)",
@@ -486,7 +420,7 @@ class CheckpointManager:
         if sorted(named) != manifest["models"]:
             raise CheckpointError(f"checkpoint {path} holds models {manifest['models']}, this run "
                                   f"passes {sorted(named)}")
-        diff = _dict_diff(manifest["model_config"], _model_config(named, self.model_meta))
+        diff = dict_diff(manifest["model_config"], model_config(named, self.model_meta))
         if diff:
             raise CheckpointError(f"checkpoint {path} was written for another model config: "
                                   + "; ".join(diff[:10]))
@@ -511,7 +445,7 @@ class CheckpointManager:
         self._check_compatible(path, manifest, layout, named)
         mine = [_model_file(RankLayout(tp_rank=layout.tp_rank, pp_rank=layout.pp_rank), n)
                 for n in named] + [_rank_state_name(layout), TRAINER_STATE]
-        problems = [p for part in _all_gather(self._verify(path, manifest, mine, layout.rank))
+        problems = [p for part in all_gather_object(self._verify(path, manifest, mine, layout.rank))
                     for p in part]
         if problems:
             raise CheckpointCorruptError(f"checkpoint {path} is damaged: " + "; ".join(sorted(set(problems))[:10]))
@@ -522,7 +456,7 @@ class CheckpointManager:
         if optimizer is not None:
             if state["optimizer"] is None:
                 raise CheckpointError(f"{path / _rank_state_name(layout)} holds no optimizer state")
-            _load_optimizer_state(optimizer, state["optimizer"], path / _rank_state_name(layout))
+            load_optimizer_state(optimizer, state["optimizer"], path / _rank_state_name(layout))
         if scheduler is not None:
             if state["scheduler"] is None:
                 raise CheckpointError(f"{path / _rank_state_name(layout)} holds no scheduler state")
@@ -530,7 +464,7 @@ class CheckpointManager:
         if restore_rng:
             restore_rng_state(state["rng"])
         trainer = json.loads((path / TRAINER_STATE).read_text())
-        _barrier()
+        barrier()
         if layout.rank == 0:
             logger.info("resumed from %s (step %d)", path, trainer["step"])
         return LoadedCheckpoint(int(trainer["step"]), path, trainer["extra_state"])
@@ -546,7 +480,7 @@ class CheckpointManager:
         rank = current_layout().rank
         if rank == 0:
             _remove_stale(self.root)
-        steps = _broadcast(self.complete_steps() if rank == 0 else None)
+        steps = broadcast_object(self.complete_steps() if rank == 0 else None)
         pointer = self.root / LATEST
         if rank == 0 and steps and pointer.is_file() \
                 and pointer.read_text().strip() != f"step_{steps[-1]:08d}":

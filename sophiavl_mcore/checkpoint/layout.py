@@ -1,5 +1,6 @@
-"""Where a process sits in the TP × PP × DP grid, and the few collectives checkpointing
-needs (each a no-op without torch.distributed)."""
+"""Where a process sits in the TP × PP × DP grid, and the few collectives that training
+checkpoints and exports need (each a no-op without torch.distributed, so the same code
+runs in one process and in a job)."""
 
 from __future__ import annotations
 
@@ -61,12 +62,13 @@ def _world() -> int:
     return torch.distributed.get_world_size() if dist else 1
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
     if _world() > 1:
         torch.distributed.barrier()
 
 
-def _broadcast(obj: Any) -> Any:
+def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if _world() == 1:
         return obj
@@ -75,7 +77,8 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _all_gather(obj: Any) -> list[Any]:
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a picklable object per rank)."""
     if _world() == 1:
         return [obj]
     out: list[Any] = [None] * _world()

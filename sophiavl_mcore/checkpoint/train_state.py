@@ -1,5 +1,5 @@
 """What a training checkpoint restores besides the weights: RNG streams, optimizer state,
-and the model config a resume must match (helpers of ``trainer.checkpointing``)."""
+and the model config a resume must match (used by :mod:`.training`)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sophiavl_mcore.checkpoint import CheckpointError
+from sophiavl_mcore.checkpoint.st_io import CheckpointError
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for run state: dataclasses, paths, numpy values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     if isinstance(value, Path):
@@ -25,7 +26,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic | np.ndarray):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} {value!r:.80} is not JSON-serialisable")
-
 
 
 # ------------------------------------------------------------------ RNG
@@ -87,7 +87,9 @@ def _is_distributed_optimizer(opt: Any) -> bool:
     return hasattr(opt, "get_parameter_state_dp_reshardable")
 
 
-def _optimizer_state(optimizer: Any) -> list[dict[str, Any]]:
+def optimizer_state(optimizer: Any) -> list[dict[str, Any]]:
+    """Each inner optimizer's state dict (+ a distributed optimizer's per-DP-rank
+    parameter state, saved without a gather)."""
     out = []
     for opt in _inner_optimizers(optimizer):
         entry = {"state_dict": opt.state_dict()}
@@ -97,7 +99,8 @@ def _optimizer_state(optimizer: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _load_optimizer_state(optimizer: Any, saved: list[dict[str, Any]], where: Path) -> None:
+def load_optimizer_state(optimizer: Any, saved: list[dict[str, Any]], where: Path) -> None:
+    """Inverse of :func:`optimizer_state`; ``where`` names the file in errors."""
     inner = _inner_optimizers(optimizer)
     if len(inner) != len(saved):
         raise CheckpointError(f"{where}: holds {len(saved)} optimizer(s), this run has {len(inner)}")
@@ -114,8 +117,8 @@ def _load_optimizer_state(optimizer: Any, saved: list[dict[str, Any]], where: Pa
             opt.load_parameter_state_from_dp_reshardable(state)
 
 
-def _model_config(models: Mapping[str, torch.nn.Module], model_meta: Mapping[str, Any] | None
-                  ) -> dict[str, Any]:
+def model_config(models: Mapping[str, torch.nn.Module], model_meta: Mapping[str, Any] | None
+                 ) -> dict[str, Any]:
     """What must match between the saving and the loading run (beside the layout)."""
     cfg: dict[str, Any] = {}
     if model_meta is not None and "hf_config" in model_meta:
@@ -126,15 +129,16 @@ def _model_config(models: Mapping[str, torch.nn.Module], model_meta: Mapping[str
                   "num_query_groups", "kv_channels", "params_dtype")
         if tc is not None and all(hasattr(tc, f) for f in fields):
             cfg[name] = {f: str(getattr(tc, f)) for f in fields}
-    return json.loads(json.dumps(cfg, default=_json_default))
+    return json.loads(json.dumps(cfg, default=json_default))
 
 
-def _dict_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+def dict_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: checkpoint … vs this run …`` for every differing leaf (dotted keys)."""
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
         if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += _dict_diff(va, vb, f"{prefix}{k}.")
+            out += dict_diff(va, vb, f"{prefix}{k}.")
         elif va != vb:
             out.append(f"{prefix}{k}: checkpoint {va!r} vs this run {vb!r}")
     return out
