@@ -38,8 +38,9 @@ from sophiavl_mcore.checkpoint.convert import (
 from sophiavl_mcore.checkpoint.layout import all_gather_object, broadcast_object, current_layout
 from sophiavl_mcore.checkpoint.manifest import write_checksums
 from sophiavl_mcore.checkpoint.st_io import CheckpointError
-from sophiavl_mcore.checkpoint.training import complete_checkpoints, unwrap_model
+from sophiavl_mcore.checkpoint.training import complete_checkpoints
 from sophiavl_mcore.models.hf_config import load_config_json
+from sophiavl_mcore.models.unwrap import checkpoint_view
 
 if TYPE_CHECKING:
     from sophiavl_mcore.parallel import ParallelInfo
@@ -57,7 +58,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, info: ParallelIn
     needs to export the live model later, and that is written next to its shards.
     """
     plan = load_hf_into_model(
-        unwrap_model(model), hf_dir, info.tp, info.pp, info.tp_rank, info.pp_rank,
+        checkpoint_view(model), hf_dir, info.tp, info.pp, info.tp_rank, info.pp_rank,
         layers_per_stage=list(info.layers_per_stage) if info.layers_per_stage else None,
         vocab_divisible_by=vocab_divisible_by)
     return {
@@ -131,7 +132,7 @@ def _export_live(model: torch.nn.Module, out_dir: Path, mcore_dir: Path,
     error = None
     try:
         if layout.dp_rank == 0:  # DP replicas hold identical weights
-            save_mcore_shard(unwrap_model(model), staging, layout.tp_rank, layout.pp_rank,
+            save_mcore_shard(checkpoint_view(model), staging, layout.tp_rank, layout.pp_rank,
                              meta=meta if layout.rank == 0 else None)
     except Exception as err:  # reported on every rank instead of hanging the others
         error = f"rank {layout.rank}: {err!r}"

@@ -98,11 +98,12 @@ from sophiavl_mcore.checkpoint.train_state import (
     optimizer_state,
     restore_rng_state,
 )
+from sophiavl_mcore.models.unwrap import checkpoint_view
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LATEST", "TRAINER_STATE", "CheckpointManager", "LoadedCheckpoint",
-           "complete_checkpoints", "unwrap_model"]
+           "complete_checkpoints"]
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -146,21 +147,13 @@ def _remove_stale(root: Path) -> list[str]:
 # ------------------------------------------------------------------ models / optimizer
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose ``state_dict`` names are the conversion plan's names."""
-    while type(model).__name__ in ("DistributedDataParallel", "Float16Module") \
-            and isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model.checkpoint_module() if hasattr(model, "checkpoint_module") else model
-
-
 def _named_models(models: torch.nn.Module | Mapping[str, torch.nn.Module]
                   ) -> dict[str, torch.nn.Module]:
     named = {"model": models} if isinstance(models, torch.nn.Module) else dict(models)
     for name in named:
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise ValueError(f"model name {name!r} must match [A-Za-z0-9_]+ (it becomes a file name)")
-    return {name: unwrap_model(m) for name, m in named.items()}
+    return {name: checkpoint_view(m) for name, m in named.items()}
 
 
 def _split_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from sophiavl_mcore.parallel.collectives import run_on_rank
 from sophiavl_mcore.parallel.host import init_host_group
 from sophiavl_mcore.rollout.layout import EngineLayout, check_engine_layout
 from sophiavl_mcore.trainer.config import GRPOTrainConfig
@@ -29,6 +30,17 @@ from sophiavl_mcore.trainer.setup import (
     prepare_files,
     torch_dtype,
 )
+
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
+    from torch.distributed import ProcessGroup
+    from transformers import PreTrainedTokenizerBase
+
+    from sophiavl_mcore.data.images import ImageConfig
+    from sophiavl_mcore.data.records import MixedSampler
+    from sophiavl_mcore.parallel import ParallelInfo
+    from sophiavl_mcore.rewards.thinking import ThinkingRewardClient, ThinkingRewardConfig
+    from sophiavl_mcore.rollout.interface import RolloutEngine
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +61,7 @@ def engine_layout(cfg: GRPOTrainConfig, world: int) -> EngineLayout:
                                ranks_per_node=int(per_node) if per_node else None)
 
 
-def build_policy(cfg: GRPOTrainConfig, info: Any) -> torch.nn.Module:
+def build_policy(cfg: GRPOTrainConfig, info: ParallelInfo) -> torch.nn.Module:
     from sophiavl_mcore.models.qwen2_5_vl import VisionOptions, build_qwen2_5_vl
 
     return build_qwen2_5_vl(model_dir(cfg), info, dtype=torch_dtype(cfg),
@@ -58,7 +70,7 @@ def build_policy(cfg: GRPOTrainConfig, info: Any) -> torch.nn.Module:
                             **cfg.model.transformer_overrides())
 
 
-def _engine_groups(layout: EngineLayout, rank: int) -> Any:
+def _engine_groups(layout: EngineLayout, rank: int) -> ProcessGroup | None:
     """This rank's engine as a torch process group (collective; None when RTP = 1)."""
     if layout.rtp == 1:
         return None
@@ -131,9 +143,8 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
         logger.info("resumed from %s: continuing at step %d", loaded.path, start)
     sync = SpmdWeightSync(model, mdir, engine, cfg.weight_sync)
     sync.sync(version=start - 1)  # every engine starts from the trainer's current policy
-    if trm_server is not None:
-        trm_server.wait_healthy()  # rank 0 polls /health; the others wait for it here
-        dist.barrier()
+    if trm_server is not None:  # rank 0 polls /health; the others wait for its outcome
+        run_on_rank(trm_server.wait_healthy)
     trm = (thinking_client(cfg.rewards.thinking, engine)
            if cfg.rewards.trust_grpo.use_thinking else None)
     return GRPOTrainer(cfg, info, layout, model, ddp, optimizer, scheduler, reference, engine, sync,
@@ -142,7 +153,7 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
                        trm_server)
 
 
-def thinking_client(cfg: Any, engine: Any) -> Any:
+def thinking_client(cfg: ThinkingRewardConfig, engine: RolloutEngine) -> ThinkingRewardClient:
     """The configured TRM client (``rewards.thinking``: a ThinkingRewardConfig): ``http``
     asks an OpenAI-compatible server, ``in_process`` grades on ``engine`` (this rank's
     rollout engine)."""
@@ -154,8 +165,9 @@ def thinking_client(cfg: Any, engine: Any) -> Any:
     return InProcessThinkingClient(engine, cfg)
 
 
-def warm_start(cfg: GRPOTrainConfig, info: Any, ddp: Any, tokenizer: Any, image_cfg: Any,
-               sampler: Any) -> None:
+def warm_start(cfg: GRPOTrainConfig, info: ParallelInfo, ddp: DistributedDataParallel,
+               tokenizer: PreTrainedTokenizerBase, image_cfg: ImageConfig,
+               sampler: MixedSampler) -> None:
     """SFT on formatted examples (answers uniform at random when configured). Uses a
     throw-away copy of the sampler so GRPO sees the data from its beginning."""
     from sophiavl_mcore.data.visual_task import uniform_answer_records, warm_start_reasoning_for

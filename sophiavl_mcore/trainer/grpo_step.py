@@ -1,10 +1,9 @@
 """Old / reference log-probs and the GRPO update, through Megatron's pipeline schedule.
 
-Both entry points run :func:`megatron.core.pipeline_parallel.get_forward_backward_func`
-(no pipelining at PP=1, 1F1B at PP>1) over the length-sorted, right-padded micro-batches
-of a :class:`~sophiavl_mcore.trainer.rollout_batch.RolloutBatch` (one data-parallel
-rank's share). Micro-batches have different lengths, so ``variable_seq_lengths`` is
-switched on for the duration of a call at PP>1 (the stages exchange shapes first).
+Both entry points run Megatron's schedule through
+:func:`~sophiavl_mcore.trainer.schedule.run_schedule` over the length-sorted,
+right-padded micro-batches of a :class:`~sophiavl_mcore.trainer.rollout_batch.RolloutBatch`
+(one data-parallel rank's share).
 
 On the last pipeline stage the model returns vocab-parallel logits ``[B, S, V_pad/TP]``;
 :func:`~sophiavl_mcore.trainer.logprobs.vocab_parallel_logprobs_and_entropy` turns them
@@ -30,16 +29,17 @@ schedule calls because :func:`~sophiavl_mcore.trainer.optim.wrap_ddp` installs i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from sophiavl_mcore.models.unwrap import unwrap_model
+from sophiavl_mcore.parallel.collectives import dp_all_reduce, from_last_stage
 from sophiavl_mcore.trainer.config import GRPOLossConfig
 from sophiavl_mcore.trainer.logprobs import DEFAULT_CHUNK_SIZE, vocab_parallel_logprobs_and_entropy
 from sophiavl_mcore.trainer.loss import grpo_loss
@@ -48,8 +48,16 @@ from sophiavl_mcore.trainer.rollout_batch import (
     MicroBatch,
     RolloutBatch,
     extract_per_token,
-    unwrap_model,
 )
+from sophiavl_mcore.trainer.schedule import ForwardStep, LossFunc, run_schedule
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from torch.distributed import ProcessGroup
 
 __all__ = ["TokenLogProbs", "compute_logprobs", "grpo_train_step"]
 
@@ -69,29 +77,29 @@ class TokenLogProbs:
 # ------------------------------------------------------------------------ helpers
 
 
-def _mpu() -> Any:
+def _mpu() -> ModuleType:
     from megatron.core import parallel_state
 
     return parallel_state
 
 
-def _tp_group() -> Any:
+def _tp_group() -> ProcessGroup | None:
     mpu = _mpu()
     return mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 \
         else None
 
 
-def _valid_vocab(model: Any) -> int:
+def _valid_vocab(model: torch.nn.Module) -> int:
     core = unwrap_model(model)
     lm = getattr(core, "language_model", core)
     return int(lm.hf_vocab_size)
 
 
-def _device(model: Any) -> torch.device:
+def _device(model: torch.nn.Module) -> torch.device:
     return next(unwrap_model(model).parameters()).device
 
 
-def _model_forward(model: Any, t: dict[str, Any]) -> torch.Tensor:
+def _model_forward(model: torch.nn.Module, t: dict[str, torch.Tensor | None]) -> torch.Tensor:
     """One Qwen2.5-VL stage's forward (images on the first stage, M-RoPE everywhere)."""
     return model(t["input_ids"], position_ids=t["position_ids"],
                  pixel_values=t["pixel_values"], image_grid_thw=t["image_grid_thw"],
@@ -109,41 +117,12 @@ def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
         chunk_size=chunk_size, biased_ids=biased_ids)
 
 
-@contextlib.contextmanager
-def _variable_lengths(model: Any) -> Iterator[None]:
-    """PP>1: let the stages exchange each micro-batch's shape (restored afterwards)."""
-    config = unwrap_model(model).config
-    before = config.variable_seq_lengths
-    config.variable_seq_lengths = before or _mpu().get_pipeline_model_parallel_world_size() > 1
-    try:
-        yield
-    finally:
-        config.variable_seq_lengths = before
-
-
-def _run_schedule(model: Any, mbs: list[MicroBatch], forward_step: Callable[..., Any],
-                  forward_only: bool) -> None:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    with _variable_lengths(model):
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(mbs),
-            model=[model],
-            num_microbatches=len(mbs),
-            seq_length=max(mb.tensors["input_ids"].shape[1] for mb in mbs),
-            micro_batch_size=max(len(mb.indices) for mb in mbs),
-            forward_only=forward_only,
-        )
-
-
-def _from_last_stage(t: torch.Tensor) -> torch.Tensor:
-    """Broadcast ``t`` (meaningful on the last pipeline stage) over the pipeline group."""
-    mpu = _mpu()
-    if mpu.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(t, src=mpu.get_pipeline_model_parallel_last_rank(),
-                       group=mpu.get_pipeline_model_parallel_group())
-    return t
+def _run_schedule(model: torch.nn.Module, mbs: list[MicroBatch],
+                  forward_step: ForwardStep[MicroBatch], forward_only: bool) -> None:
+    """The micro-batches through :func:`run_schedule` (results stay in the closures)."""
+    run_schedule(model, mbs, forward_step, forward_only=forward_only,
+                 seq_length=max(mb.tensors["input_ids"].shape[1] for mb in mbs),
+                 micro_batch_size=max(len(mb.indices) for mb in mbs))
 
 
 # ------------------------------------------------------------------------ log-probs
@@ -151,7 +130,7 @@ def _from_last_stage(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_logprobs(
-    model: Any,
+    model: torch.nn.Module,
     batch: RolloutBatch,
     micro_batch_size: int,
     temperature: float = 1.0,
@@ -183,11 +162,12 @@ def compute_logprobs(
     found: dict[int, torch.Tensor] = {}
     found_ent: dict[int, torch.Tensor] = {}
 
-    def forward_step(data_iterator: Any, stage: Any) -> tuple[torch.Tensor, Any]:
+    def forward_step(data_iterator: Iterator[MicroBatch], stage: torch.nn.Module
+                     ) -> tuple[torch.Tensor, LossFunc]:
         mb = next(data_iterator).to(device)
         output = _model_forward(stage, mb.tensors)
 
-        def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             lp, ent = _token_logprobs(logits, mb.tensors["labels"], temperature, valid,
                                       chunk_size, batch.biased_ids)
             rows = zip(mb.indices, extract_per_token(lp.float().cpu(), mb.prompt_lens,
@@ -219,7 +199,7 @@ def compute_logprobs(
         flat[0] = torch.cat([found[i] for i in range(len(batch))]).to(device)
         if with_entropy:
             flat[1] = torch.cat([found_ent[i] for i in range(len(batch))]).to(device)
-    flat = _from_last_stage(flat).cpu()
+    flat = from_last_stage(flat).cpu()
     logprobs = list(flat[0].split(lens))
     return TokenLogProbs(logprobs, list(flat[1].split(lens)) if with_entropy else None)
 
@@ -229,17 +209,14 @@ def compute_logprobs(
 
 def _global_counts(batch: RolloutBatch) -> tuple[float, float, float]:
     """(response tokens, sequences with one, input tokens) summed over DP ranks."""
-    mpu = _mpu()
     seqs = sum(1 for m in batch.response_mask if bool(m.any()))
     t = torch.tensor([batch.num_response_tokens(), seqs, batch.num_tokens()], dtype=torch.float64)
-    if mpu.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, group=mpu.get_data_parallel_group())
-    tokens, seqs_f, inputs = t.tolist()
+    tokens, seqs_f, inputs = dp_all_reduce(t).tolist()
     return tokens, seqs_f, inputs
 
 
 def _micro_batch_stats(loss: torch.Tensor, metrics: dict[str, torch.Tensor], old: torch.Tensor,
-                       t: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+                       t: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """fp64 sums to reduce over micro-batches and DP, and the ratio maximum."""
     n = metrics["train/response_tokens"].double()
     mask = t["response_mask"] > 0
@@ -258,20 +235,11 @@ def _micro_batch_stats(loss: torch.Tensor, metrics: dict[str, torch.Tensor], old
 
 def _reduce_metrics(sums: list[torch.Tensor], maxes: list[torch.Tensor]) -> dict[str, float]:
     """Micro-batch sums → global metrics, identical on every rank (DP sum, PP broadcast)."""
-    mpu = _mpu()
     width = 4 + len(_MEAN_KEYS)
     total = torch.stack(sums).sum(0) if sums else torch.zeros(width, dtype=torch.float64)
     top = torch.stack(maxes).amax(0) if maxes else torch.zeros(2, dtype=torch.float64)
-    if mpu.get_data_parallel_world_size() > 1:
-        dist.all_reduce(total, group=mpu.get_data_parallel_group())
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=mpu.get_data_parallel_group())
-    if mpu.get_pipeline_model_parallel_world_size() > 1:
-        if not mpu.is_pipeline_last_stage(ignore_virtual=True):
-            total.zero_()
-            top.zero_()
-        group = mpu.get_pipeline_model_parallel_group()
-        dist.all_reduce(total, group=group)  # zeros elsewhere: a broadcast that keeps NaN
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    total = from_last_stage(dp_all_reduce(total))
+    top = from_last_stage(dp_all_reduce(top, op=dist.ReduceOp.MAX))
     v = total.tolist()
     tokens = v[1]
     out = {"train/loss": v[0], "train/response_tokens": tokens,
@@ -284,7 +252,8 @@ def _reduce_metrics(sums: list[torch.Tensor], maxes: list[torch.Tensor]) -> dict
     return out
 
 
-def _check_train_inputs(model: Any, batch: RolloutBatch, loss_cfg: GRPOLossConfig) -> None:
+def _check_train_inputs(model: DistributedDataParallel, batch: RolloutBatch,
+                        loss_cfg: GRPOLossConfig) -> None:
     if not hasattr(model, "zero_grad_buffer"):
         raise TypeError("grpo_train_step needs the model wrapped in Megatron DDP "
                         "(sophiavl_mcore.trainer.optim.wrap_ddp); got "
@@ -303,9 +272,9 @@ def _check_train_inputs(model: Any, batch: RolloutBatch, loss_cfg: GRPOLossConfi
 
 
 def grpo_train_step(
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
+    model: DistributedDataParallel,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
     batch: RolloutBatch,
     loss_cfg: GRPOLossConfig,
     micro_batch_size: int,
@@ -355,12 +324,13 @@ def grpo_train_step(
     sums: list[torch.Tensor] = []
     maxes: list[torch.Tensor] = []
 
-    def forward_step(data_iterator: Any, stage: Any) -> tuple[torch.Tensor, Any]:
+    def forward_step(data_iterator: Iterator[MicroBatch], stage: torch.nn.Module
+                     ) -> tuple[torch.Tensor, LossFunc]:
         mb = next(data_iterator).to(device)
         t = mb.tensors
         output = _model_forward(stage, t)
 
-        def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             lp, ent = _token_logprobs(logits, t["labels"], temperature, valid, chunk_size,
                                       batch.biased_ids)
             old = t["old_logprobs"] if "old_logprobs" in t else lp.detach()

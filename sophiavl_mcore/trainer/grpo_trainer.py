@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
-from sophiavl_mcore.parallel.host import host_group
+from sophiavl_mcore.parallel.collectives import host_all_gather, host_all_reduce
 from sophiavl_mcore.rewards.stage import GroupScores, score_groups
 from sophiavl_mcore.rollout.exchange import plan_transfers, redistribute
-from sophiavl_mcore.rollout.interface import RolloutRequest
+from sophiavl_mcore.rollout.interface import RolloutRequest, RolloutResult
 from sophiavl_mcore.rollout.layout import EngineLayout
 from sophiavl_mcore.trainer.config import GRPOTrainConfig
 from sophiavl_mcore.trainer.setup import model_dir
@@ -38,8 +38,12 @@ from sophiavl_mcore.trainer.step_data import (
 )
 
 if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import MegatronOptimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from PIL import Image
+    from torch.distributed import ProcessGroup
+    from transformers import PreTrainedTokenizerBase
 
     from sophiavl_mcore.checkpoint.training import CheckpointManager
     from sophiavl_mcore.data.images import ImageLoader
@@ -48,7 +52,10 @@ if TYPE_CHECKING:
     from sophiavl_mcore.rewards.thinking import ThinkingRewardClient
     from sophiavl_mcore.rewards.trm_server import LocalTRM
     from sophiavl_mcore.rollout.vllm_engine import VllmRolloutEngine
+    from sophiavl_mcore.trainer.config import GRPOLossConfig
+    from sophiavl_mcore.trainer.metrics import PhaseTimer
     from sophiavl_mcore.trainer.reference_model import ReferenceModel
+    from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
     from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
 
 logger = logging.getLogger(__name__)
@@ -62,7 +69,7 @@ class GRPOTrainer:
     info: ParallelInfo
     layout: EngineLayout
     model: torch.nn.Module
-    ddp: torch.nn.Module
+    ddp: DistributedDataParallel
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     reference: ReferenceModel | None
@@ -70,13 +77,13 @@ class GRPOTrainer:
     sync_: SpmdWeightSync
     trm: ThinkingRewardClient | None
     sampler: MixedSampler
-    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase
     image_loader: ImageLoader
     ckpt: CheckpointManager
     meta: dict[str, Any]
     pad_id: int
     vision_ids: torch.Tensor
-    engine_group: Any = None  # torch ProcessGroup of this rank's engine (RTP > 1)
+    engine_group: ProcessGroup | None = None  # this rank's engine (RTP > 1)
     start_step: int = 1
     trm_server: LocalTRM | None = None  # the TRM server this job started (rewards.trm.serve)
 
@@ -96,7 +103,7 @@ class GRPOTrainer:
         span = self.layout.prompt_range(self.engine_index)
         mine = records[span.start:span.stop]
         batch = self.image_loader.load([r.image_path for r in mine] if active else [])
-        images: list[Any] = [None] * len(mine)
+        images: list[Image.Image | None] = [None] * len(mine)
         requests, keep = [], []
         for i, r in enumerate(mine if active else []):
             image = images[i] = batch.vllm_image(i)
@@ -111,7 +118,7 @@ class GRPOTrainer:
         if sampling.seed is not None:  # a fresh, reproducible stream per step and engine
             sampling = dataclasses.replace(sampling, seed=sampling.seed + 100_003 * step
                                            + 7919 * self.engine_index + 131 * round_index)
-        results: list[Any] = [None] * len(mine)
+        results: list[RolloutResult | None] = [None] * len(mine)
         for i, res in zip(keep, self.engine.generate(requests, sampling), strict=True):
             results[i] = res
         return EngineRollout(span.start, mine, results, images, sampling.n)
@@ -141,13 +148,11 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ exchange + update
 
     def exchange(self, roll: EngineRollout, scores: GroupScores, records: list[Record]
-                 ) -> tuple[Any, dict[str, float]]:
+                 ) -> tuple[RolloutBatch, dict[str, float]]:
         """This rank's DP share of the step as a RolloutBatch, and what moved: bytes this
         rank received, and over the step the rows trained with their index sums (each
         response exactly once ⇔ count N, Σi = N(N−1)/2, Σi² = (N−1)N(2N−1)/6)."""
-        mine = torch.tensor([self.info.dp_rank])
-        gathered = [torch.zeros_like(mine) for _ in range(self.info.world_size)]
-        dist.all_gather(gathered, mine, group=host_group())
+        gathered = host_all_gather(torch.tensor([self.info.dp_rank]))
         plan = plan_transfers(self.layout, [int(t) for t in gathered], self.info.dp)
         index, rows, received = redistribute(roll.train_rows(scores.advantages, self.pad_id), plan,
                                              self.info.rank)
@@ -159,7 +164,7 @@ class GRPOTrainer:
         idx = np.asarray(index, dtype=np.float64)
         moved = torch.tensor([idx.size, idx.sum(), (idx ** 2).sum(), float(received)],
                              dtype=torch.float64)
-        dist.all_reduce(moved, group=host_group())
+        host_all_reduce(moved)
         replicas = self.info.tp * self.info.pp  # every rank of a DP replica holds its share
         return batch, {"rollout/rows_trained": float(moved[0]) / replicas,
                        "rollout/rows_index_sum": float(moved[1]) / replicas,
@@ -167,7 +172,7 @@ class GRPOTrainer:
                        "rollout/exchange_bytes_mean": float(moved[3]) / self.info.world_size,
                        "rollout/exchange_bytes_rank": float(received)}
 
-    def update(self, batch: Any, timer: Any) -> dict[str, float]:
+    def update(self, batch: RolloutBatch, timer: PhaseTimer) -> dict[str, float]:
         """``train.updates_per_rollout`` PPO-clip + KL updates on this rank's share."""
         self.engine.sleep()  # GPU: the engine's memory goes to the trainer (no-op on CPU)
         c = self.cfg
@@ -182,7 +187,7 @@ class GRPOTrainer:
         """Every engine takes the updated weights; bytes received per rank (max)."""
         report = self.sync_.sync(version=step)
         worst = torch.tensor([report.bytes_received], dtype=torch.float64)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=host_group())
+        host_all_reduce(worst, op=dist.ReduceOp.MAX)
         return {"weight_sync/bytes_max_rank": float(worst), "weight_sync/bytes_rank": float(
             report.bytes_received), "weight_sync/bytes_model": float(self.sync_.bytes_model),
             "weight_sync/seconds": report.seconds, "weight_sync/policy_version": float(step)}
@@ -220,9 +225,11 @@ class GRPOTrainer:
         destroy_parallel(keep_process_group=True)
 
 
-def ppo_updates(ddp: Any, optimizer: Any, scheduler: Any, reference: ReferenceModel | None,
-                batch: Any, loss_cfg: Any, *, updates: int, micro_batch_size: int,
-                temperature: float, timer: Any = None) -> dict[str, float]:
+def ppo_updates(ddp: DistributedDataParallel, optimizer: MegatronOptimizer,
+                scheduler: OptimizerParamScheduler, reference: ReferenceModel | None,
+                batch: RolloutBatch, loss_cfg: GRPOLossConfig, *, updates: int,
+                micro_batch_size: int, temperature: float,
+                timer: PhaseTimer | None = None) -> dict[str, float]:
     """Reference (and, for several updates, old) log-probs of ``batch`` (this rank's
     share), then ``updates`` optimizer steps on consecutive mini-batches of it.
 

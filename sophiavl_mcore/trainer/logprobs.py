@@ -36,10 +36,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import FunctionCtx
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -51,14 +55,15 @@ __all__ = [
 DEFAULT_CHUNK_SIZE = 2048
 
 
-def _group_size_rank(group: Any) -> tuple[int, int]:
+def _group_size_rank(group: ProcessGroup | None) -> tuple[int, int]:
     """(size, rank) of ``group``; ``None`` means no tensor parallelism (one rank)."""
     if group is None:
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _all_reduce(t: torch.Tensor, op: Any, group: Any, size: int) -> None:
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType, group: ProcessGroup | None,
+                size: int) -> None:
     if size > 1:
         dist.all_reduce(t, op=op, group=group)
 
@@ -68,10 +73,10 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
+        ctx: FunctionCtx,
         logits: torch.Tensor,
         target: torch.Tensor,
-        group: Any,
+        group: ProcessGroup | None,
         vocab_start: int,
         valid_local: int,
         temperature: float,
@@ -123,7 +128,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: Any, grad_logp: torch.Tensor | None, grad_ent: torch.Tensor | None
+        ctx: FunctionCtx, grad_logp: torch.Tensor | None, grad_ent: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
         logits, local_target, in_shard, lse, ent = ctx.saved_tensors
         vl, inv_t, cs = ctx.valid_local, ctx.inv_t, ctx.chunk_size
@@ -175,7 +180,7 @@ def _scaled_chunk(logits: torch.Tensor, s: int, e: int, valid_local: int,
 def vocab_parallel_logprobs_and_entropy(
     logits_shard: torch.Tensor,
     target_ids: torch.Tensor,
-    tp_group: Any = None,
+    tp_group: ProcessGroup | None = None,
     *,
     vocab_start_index: int | None = None,
     temperature: float = 1.0,
@@ -256,7 +261,7 @@ def vocab_parallel_logprobs_and_entropy(
 def vocab_parallel_logprobs(
     logits_shard: torch.Tensor,
     target_ids: torch.Tensor,
-    tp_group: Any = None,
+    tp_group: ProcessGroup | None = None,
     *,
     vocab_start_index: int | None = None,
     temperature: float = 1.0,
@@ -272,7 +277,7 @@ def vocab_parallel_logprobs(
 
 def vocab_parallel_entropy(
     logits_shard: torch.Tensor,
-    tp_group: Any = None,
+    tp_group: ProcessGroup | None = None,
     *,
     vocab_start_index: int | None = None,
     temperature: float = 1.0,

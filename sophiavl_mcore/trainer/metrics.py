@@ -5,9 +5,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sophiavl_mcore.logging import MetricsWriter
+    from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult
+    from sophiavl_mcore.trainer.step_data import SampleView, StepScalars
 
 CONSOLE_KEYS = ("reward/outcome_mean", "reward/thinking_mean", "reward/total_mean",
                 "reward/gamma_mean", "train/kl", "train/entropy", "train/clip_fraction",
@@ -62,7 +67,7 @@ def _stats(prefix: str, x: np.ndarray) -> dict[str, float]:
             f"{prefix}_min": float(x.min()), f"{prefix}_max": float(x.max())}
 
 
-def reward_metrics(roll: Any, trust: Any, advantages: np.ndarray,
+def reward_metrics(roll: StepScalars, trust: TrustGRPOResult, advantages: np.ndarray,
                    true_quality: np.ndarray | None = None) -> dict[str, float]:
     """Rewards per problem type, outcome vs thinking, γ, annealing, advantages, and the
     thinking / trust metrics of :func:`thinking_metrics` per data source.
@@ -120,7 +125,8 @@ def _thinking_block(prefix: str, outcome: np.ndarray, thinking: np.ndarray, gamm
     return out
 
 
-def thinking_metrics(outcome: np.ndarray, thinking: np.ndarray, trust: Any, group_size: int,
+def thinking_metrics(outcome: np.ndarray, thinking: np.ndarray, trust: TrustGRPOResult,
+                     group_size: int,
                      sources: np.ndarray | None = None, true_quality: np.ndarray | None = None
                      ) -> dict[str, float]:
     """Thinking reward and trust metrics of one step, overall and per data source.
@@ -164,18 +170,6 @@ def thinking_metrics(outcome: np.ndarray, thinking: np.ndarray, trust: Any, grou
     return out
 
 
-def rollout_metrics(roll: Any) -> dict[str, float]:
-    """Response lengths (tokens), truncations, prompt count."""
-    lens = np.array([len(s["ids"]) for g in roll.responses for s in g], dtype=np.float64)
-    finish = [s["finish"] for g in roll.responses for s in g]
-    out = _stats("rollout/response_len", lens)
-    out["rollout/truncated_frac"] = finish.count("length") / max(len(finish), 1)
-    out["rollout/prompts"] = float(len(roll.records))
-    out["rollout/responses"] = float(len(finish))
-    out.update(answer_metrics([[s["text"] for s in g] for g in roll.responses]))
-    return out
-
-
 def answer_metrics(groups: list[list[str]]) -> dict[str, float]:
     """How varied the well-formed answers are: ``rollout/answer_top_frac`` is the share
     of the most common answer over the step, ``rollout/answer_distinct`` the mean number
@@ -191,7 +185,7 @@ def answer_metrics(groups: list[list[str]]) -> dict[str, float]:
             "rollout/answer_distinct": float(np.mean([len(set(g)) for g in answers if g]))}
 
 
-def sample_text(roll: Any, k: int = 4) -> str:
+def sample_text(roll: SampleView, k: int = 4) -> str:
     """Markdown of the first ``k`` responses of the first group, with their rewards."""
     if not roll.responses:
         return ""
@@ -202,8 +196,9 @@ def sample_text(roll: Any, k: int = 4) -> str:
     return "\n".join(lines)
 
 
-def log_step(writer: Any, step: int, metrics: dict[str, float], roll: Any, trust: Any,
-             samples_every: int, samples: Any = None) -> None:
+def log_step(writer: MetricsWriter, step: int, metrics: dict[str, float], roll: StepScalars,
+             trust: TrustGRPOResult, samples_every: int, samples: SampleView | None = None
+             ) -> None:
     """Scalars + γ histograms (all groups, and per data source) every step; every
     ``samples_every`` steps (0 = never) the first group's responses as text and the first
     prompt's image. ``roll``: the step's groups (``records``, one per group);

@@ -34,11 +34,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from sophiavl_mcore.trainer.config import OptimConfig, check_schedule
+
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +87,7 @@ def check_backend(cfg: OptimConfig) -> None:
             "on CPU (the plain Megatron optimizer + DDP all-reduce is used then)")
 
 
-def wrap_ddp(model: torch.nn.Module, cfg: OptimConfig) -> Any:
+def wrap_ddp(model: torch.nn.Module, cfg: OptimConfig) -> DistributedDataParallel:
     """Wrap one model chunk in Megatron DDP and hook up ``finalize_model_grads``.
 
     Gradients accumulate in fp32 buffers (``grad_reduce_in_fp32``) across micro-batches;
@@ -107,7 +112,8 @@ def wrap_ddp(model: torch.nn.Module, cfg: OptimConfig) -> Any:
     return DistributedDataParallel(model.config, ddp_cfg, model)
 
 
-def build_optimizer(ddp_chunks: list[Any], cfg: OptimConfig, total_steps: int) -> tuple[Any, Any]:
+def build_optimizer(ddp_chunks: list[DistributedDataParallel], cfg: OptimConfig, total_steps: int
+                    ) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
     """Megatron Adam over ``ddp_chunks`` and its warmup + decay scheduler.
 
     Args:
@@ -163,7 +169,7 @@ def build_optimizer(ddp_chunks: list[Any], cfg: OptimConfig, total_steps: int) -
     return optimizer, scheduler
 
 
-def _clip_on_cpu(optimizer: Any, clip_grad: float, grad_norm: float) -> None:
+def _clip_on_cpu(optimizer: MegatronOptimizer, clip_grad: float, grad_norm: float) -> None:
     """Megatron's ``clip_grad_by_total_norm_fp32`` formula, without its CUDA assert."""
     coeff = clip_grad / (grad_norm + 1.0e-6)
     if coeff >= 1.0:
@@ -173,7 +179,8 @@ def _clip_on_cpu(optimizer: Any, clip_grad: float, grad_norm: float) -> None:
             param.grad.mul_(coeff)
 
 
-def optimizer_step(optimizer: Any, scheduler: Any, clip_grad: float) -> StepResult:
+def optimizer_step(optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
+                   clip_grad: float) -> StepResult:
     """Advance the schedule by one update, then clip and apply the update.
 
     The scheduler is stepped *first* so that update k (1-based) uses lr(k): with warmup

@@ -22,12 +22,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
+from sophiavl_mcore.models.unwrap import unwrap_model
 from sophiavl_mcore.trainer.grpo_step import TokenLogProbs, compute_logprobs
-from sophiavl_mcore.trainer.rollout_batch import RolloutBatch, unwrap_model
+from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class ReferenceModel:
     # -- use ---------------------------------------------------------------------------
 
     def compute_logprobs(self, batch: RolloutBatch, micro_batch_size: int,
-                         temperature: float = 1.0, **kwargs: Any) -> TokenLogProbs | None:
+                         temperature: float = 1.0, **kwargs: bool | int) -> TokenLogProbs | None:
         """Reference log-probs of ``batch``'s responses (see :func:`compute_logprobs`)."""
         with self.on_device() as module:
             return compute_logprobs(module, batch, micro_batch_size, temperature, **kwargs)

@@ -40,20 +40,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["MicroBatch", "RolloutBatch", "extract_per_token", "place_per_token", "unwrap_model"]
+from sophiavl_mcore.models.unwrap import unwrap_model
+
+if TYPE_CHECKING:
+    from sophiavl_mcore.trainer.sft import SFTMicroBatch
+
+__all__ = ["MicroBatch", "RolloutBatch", "extract_per_token", "place_per_token"]
 
 _PER_TOKEN = ("response_mask", "rollout_logprobs", "old_logprobs", "ref_logprobs")
-
-
-def unwrap_model(model: Any) -> Any:
-    """The module inside Megatron DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 @dataclasses.dataclass
@@ -73,7 +71,7 @@ class MicroBatch:
     """
 
     indices: list[int]
-    tensors: dict[str, Any]
+    tensors: dict[str, torch.Tensor | None]
     prompt_lens: list[int]
     response_lens: list[int]
     num_tokens: int
@@ -100,7 +98,7 @@ def extract_per_token(t: torch.Tensor, prompt_lens: Sequence[int],
                                                                      strict=True))]
 
 
-def _check_list(name: str, value: Any, n: int) -> None:
+def _check_list(name: str, value: Sequence[object] | None, n: int) -> None:
     if value is not None and len(value) != n:
         raise ValueError(f"RolloutBatch.{name} has {len(value)} entries, expected one per "
                          f"response ({n})")
@@ -222,7 +220,7 @@ class RolloutBatch:
 
     # -- model inputs --------------------------------------------------------------------
 
-    def ensure_position_ids(self, model: Any) -> None:
+    def ensure_position_ids(self, model: torch.nn.Module) -> None:
         """Fill ``position_ids`` with the model's M-RoPE positions (once; cached).
 
         ``model``: a Qwen2.5-VL stage (bare or wrapped); any stage can compute them.
@@ -276,14 +274,14 @@ class RolloutBatch:
             out.append(self._micro_batch(idx, mb))
         return out
 
-    def _micro_batch(self, idx: list[int], mb: dict[str, Any]) -> MicroBatch:
+    def _micro_batch(self, idx: list[int], mb: SFTMicroBatch) -> MicroBatch:
         batch, seq = mb["input_ids"].shape
         plens = [self.prompt_lens[i] for i in idx]
         rlens = [self.response_lens[i] for i in idx]
         pos = torch.zeros(3, batch, seq, dtype=torch.long)  # padding: position 0, never scored
         for b, i in enumerate(idx):
             pos[:, b, :self.position_ids[i].shape[-1]] = self.position_ids[i]
-        tensors: dict[str, Any] = {
+        tensors: dict[str, torch.Tensor | None] = {
             "input_ids": mb["input_ids"], "labels": mb["labels"], "position_ids": pos,
             "pixel_values": mb["pixel_values"], "image_grid_thw": mb["image_grid_thw"],
             "advantages": self.advantages[idx],

@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
-from sophiavl_mcore.parallel.host import host_group
+from sophiavl_mcore.parallel.collectives import host_all_gather, host_all_reduce
 from sophiavl_mcore.rewards.stage import GroupScores
 from sophiavl_mcore.trainer.step_data import EngineRollout, is_counter
 
 if TYPE_CHECKING:
     from sophiavl_mcore.trainer.grpo_trainer import GRPOTrainer
+    from sophiavl_mcore.trainer.metrics import PhaseTimer
 
 
 def has_signal(roll: EngineRollout, scores: GroupScores, tol: float = 1e-9) -> np.ndarray:
@@ -89,7 +90,7 @@ def _cat(parts: list[GroupScores]) -> GroupScores:
     return GroupScores(trust=trust, trm_metrics=metrics, **merged)
 
 
-def collect_groups(trainer: GRPOTrainer, step: int, timer: Any
+def collect_groups(trainer: GRPOTrainer, step: int, timer: PhaseTimer
                    ) -> tuple[list[Record], EngineRollout, GroupScores, dict[str, float]]:
     """The step's records (all engines'), this engine's rollout and scores, metrics;
     ``timer``: a :class:`~sophiavl_mcore.trainer.metrics.PhaseTimer` (``rollout`` for
@@ -123,20 +124,18 @@ def collect_groups(trainer: GRPOTrainer, step: int, timer: Any
         kept_ids += [r * prompts + span.start + g for g in take]
         spare_ids += [r * prompts + span.start + g for g in rest]
         short = torch.tensor([quota - len(kept_ids)], dtype=torch.int64)
-        dist.all_reduce(short, op=dist.ReduceOp.MAX, group=host_group())
+        host_all_reduce(short, op=dist.ReduceOp.MAX)
         if int(short) == 0:
             break
     topped = quota - len(kept_ids)
     parts = kept + _first_groups(spare, topped)
     kept_ids += spare_ids[:topped]
     roll, scores = concat_groups(parts, layout.engine_of(trainer.info.rank) * quota)
-    ids = torch.tensor(kept_ids, dtype=torch.int64)
-    out = [torch.empty_like(ids) for _ in range(layout.world)]
-    dist.all_gather(out, ids, group=host_group())
+    out = host_all_gather(torch.tensor(kept_ids, dtype=torch.int64))
     flat = [int(i) for e in range(layout.num_engines) for i in out[layout.leader(e)]]
     step_records = [batches[i // prompts][i % prompts] for i in flat]
     counts = torch.tensor([generated, filtered, topped, r + 1], dtype=torch.float64)
-    dist.all_reduce(counts, group=host_group())
+    host_all_reduce(counts)
     world = float(layout.world)  # every rank of an engine counted its engine's groups
     metrics = {"rollout/groups_generated": float(counts[0]) / layout.rtp,
                "rollout/filtered_frac": float(counts[1] / max(float(counts[0]), 1.0)),

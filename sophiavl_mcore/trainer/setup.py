@@ -14,12 +14,15 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sophiavl_mcore.data.config import DataSourceConfig
 from sophiavl_mcore.trainer.config import GRPOTrainConfig
+
+if TYPE_CHECKING:
+    from sophiavl_mcore.testing.tiny_models import TinyModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ def model_dir(cfg: GRPOTrainConfig) -> Path:
     return Path(cfg.output_dir) / "tiny_model" if cfg.model.tiny else Path(cfg.model.hf_dir)
 
 
-def tiny_spec(cfg: GRPOTrainConfig) -> Any:
+def tiny_spec(cfg: GRPOTrainConfig) -> TinyModelSpec:
     from sophiavl_mcore.testing.tiny_models import TinyModelSpec
 
     # two KV heads so that TP=2 splits the query groups

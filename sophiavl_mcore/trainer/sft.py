@@ -6,8 +6,9 @@ One global batch of :class:`SFTExample` (each DP rank holds its share) →
                                 loss_mask [B,S] (1 on positions whose *next* token is a
                                 target token), pixel_values [P, 3·2·14·14],
                                 image_grid_thw [I, 3]
-    ─► Megatron ``get_forward_backward_func()`` (PP schedule when pp > 1), the model's
-       vocab-parallel per-token cross-entropy [B,S] (nats)
+    ─► Megatron's schedule (:func:`~sophiavl_mcore.trainer.schedule.run_schedule`; the
+       PP schedule when pp > 1), the model's vocab-parallel per-token cross-entropy [B,S]
+       (nats)
     ─► loss = Σ_{target tokens of the global batch} CE / (number of those tokens)
        (token mean over the *global* batch, not a mean of micro-batch means)
     ─► Megatron optimizer update (grad clip, LR schedule; see :mod:`.optim`).
@@ -23,13 +24,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, NotRequired, TypedDict, TypeVar, cast
 
 import torch
 
+from sophiavl_mcore.parallel.collectives import dp_sum, from_last_stage_floats
 from sophiavl_mcore.trainer.config import OptimConfig, SFTConfig
 from sophiavl_mcore.trainer.optim import StepResult, optimizer_step
+from sophiavl_mcore.trainer.schedule import LossFunc, run_schedule
+
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +73,22 @@ class SFTExample:
         return int(self.target_mask[1:].sum())
 
 
+class SFTMicroBatch(TypedDict):
+    """One collated micro-batch (shapes in the module docstring)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    num_input_tokens: int
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    # Rollout micro-batches whose samples share an image: each image row's distinct image
+    # (set by RolloutBatch.micro_batches, never by collate).
+    image_index: NotRequired[torch.Tensor | None]
+
+
 def collate(examples: Sequence[SFTExample], pad_id: int, pad_to_multiple_of: int = 8
-            ) -> dict[str, Any]:
+            ) -> SFTMicroBatch:
     """Right-pad ``examples`` into one micro-batch (see the module docstring for shapes).
 
     ``labels[b, t] = input_ids[b, t+1]`` and ``loss_mask[b, t] = target_mask[b, t+1]``:
@@ -102,7 +124,10 @@ def collate(examples: Sequence[SFTExample], pad_id: int, pad_to_multiple_of: int
     }
 
 
-def shard_for_dp(items: Sequence[Any], dp_rank: int, dp: int) -> list[Any]:
+T = TypeVar("T")
+
+
+def shard_for_dp(items: Sequence[T], dp_rank: int, dp: int) -> list[T]:
     """This data-parallel rank's share of a global batch (contiguous blocks)."""
     if len(items) % dp:
         raise ValueError(f"global batch of {len(items)} does not split over dp={dp} ranks")
@@ -110,9 +135,9 @@ def shard_for_dp(items: Sequence[Any], dp_rank: int, dp: int) -> list[Any]:
     return list(items[dp_rank * per:(dp_rank + 1) * per])
 
 
-def _to_device(mb: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in mb.items()}
+def _to_device(mb: SFTMicroBatch, device: torch.device) -> SFTMicroBatch:
+    return cast(SFTMicroBatch, {k: v.to(device, non_blocking=True)
+                                if isinstance(v, torch.Tensor) else v for k, v in mb.items()})
 
 
 class SFTTrainer:
@@ -126,8 +151,9 @@ class SFTTrainer:
         device: where micro-batches go (``ParallelInfo.device``).
     """
 
-    def __init__(self, ddp_model: Any, optimizer: Any, scheduler: Any, cfg: SFTConfig,
-                 optim: OptimConfig, pad_id: int, device: torch.device) -> None:
+    def __init__(self, ddp_model: DistributedDataParallel, optimizer: MegatronOptimizer,
+                 scheduler: OptimizerParamScheduler, cfg: SFTConfig, optim: OptimConfig,
+                 pad_id: int, device: torch.device) -> None:
         from megatron.core import parallel_state
 
         self.model = ddp_model
@@ -138,40 +164,15 @@ class SFTTrainer:
         self.pad_id = pad_id
         self.device = device
         self.dp = parallel_state.get_data_parallel_world_size()
-        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         cfg.check_dp(self.dp)
-        config = ddp_model.config
-        # Micro-batches are padded to their own length; the PP schedule then exchanges
-        # shapes before each p2p transfer instead of assuming one fixed length.
-        config.variable_seq_lengths = self.pp > 1
 
     # -- helpers -----------------------------------------------------------------------
 
-    def micro_batches(self, local: Sequence[SFTExample]) -> list[dict[str, Any]]:
+    def micro_batches(self, local: Sequence[SFTExample]) -> list[SFTMicroBatch]:
         """Split this DP rank's examples into collated micro-batches."""
         mbs = self.cfg.micro_batch_size
         return [collate(local[i:i + mbs], self.pad_id, self.cfg.pad_to_multiple_of)
                 for i in range(0, len(local), mbs)]
-
-    def _all_reduce_dp(self, values: list[float]) -> list[float]:
-        from megatron.core import parallel_state
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL: on GPU
-        if self.dp > 1:
-            torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
-        return t.tolist()
-
-    def _from_last_stage(self, values: list[float]) -> list[float]:
-        """Values known on the last pipeline stage, made known on every stage."""
-        from megatron.core import parallel_state
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL: on GPU
-        if self.pp > 1:
-            if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-                t.zero_()
-            torch.distributed.all_reduce(
-                t, group=parallel_state.get_pipeline_model_parallel_group())
-        return t.tolist()
 
     def _placeholder(self) -> SFTExample:
         """A fully masked example for a rank whose share is empty (every image skipped)."""
@@ -196,24 +197,23 @@ class SFTTrainer:
         out = self.run_micro_batches(self.micro_batches([self._placeholder()]), forward_only)
         return out
 
-    def run_micro_batches(self, mbs: Sequence[dict[str, Any]], forward_only: bool = False
+    def run_micro_batches(self, mbs: Sequence[SFTMicroBatch], forward_only: bool = False
                           ) -> dict[str, float]:
         """:meth:`run_batch` on already collated micro-batches (see :func:`collate`)."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         local_targets = float(sum(float(mb["loss_mask"].sum()) for mb in mbs))
         local_inputs = float(sum(mb["num_input_tokens"] for mb in mbs))
-        global_targets, global_inputs = self._all_reduce_dp([local_targets, local_inputs])
+        global_targets, global_inputs = dp_sum([local_targets, local_inputs])
         if global_targets <= 0:
             raise ValueError("SFT batch without any target token on any data-parallel rank")
         scale = len(mbs) * self.dp / global_targets
 
-        def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+        def forward_step(data_iterator: Iterator[SFTMicroBatch], model: torch.nn.Module
+                         ) -> tuple[torch.Tensor, LossFunc]:
             mb = _to_device(next(data_iterator), self.device)
             output = model(mb["input_ids"], pixel_values=mb["pixel_values"],
                            image_grid_thw=mb["image_grid_thw"], labels=mb["labels"])
 
-            def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+            def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
                 token_sum = (per_token.float() * mb["loss_mask"]).sum()
                 return token_sum * scale, {"token_sum": token_sum.detach()}
 
@@ -222,18 +222,11 @@ class SFTTrainer:
         if not forward_only:
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
-        store = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(mbs),
-            model=[self.model],
-            num_microbatches=len(mbs),
-            seq_length=max(mb["input_ids"].shape[1] for mb in mbs),
-            micro_batch_size=max(mb["input_ids"].shape[0] for mb in mbs),
-            forward_only=forward_only,
-        )
+        store = run_schedule(self.model, mbs, forward_step, forward_only=forward_only,
+                             seq_length=max(mb["input_ids"].shape[1] for mb in mbs),
+                             micro_batch_size=max(mb["input_ids"].shape[0] for mb in mbs))
         local_sum = float(sum(float(d["token_sum"]) for d in store)) if store else 0.0
-        (loss_sum,) = self._all_reduce_dp([local_sum])
-        (loss_sum,) = self._from_last_stage([loss_sum])
+        (loss_sum,) = from_last_stage_floats(dp_sum([local_sum]))
         return {"loss": loss_sum / global_targets, "target_tokens": global_targets,
                 "input_tokens": global_inputs}
 

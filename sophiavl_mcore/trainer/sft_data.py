@@ -37,7 +37,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +48,9 @@ from sophiavl_mcore.data.records import Record, RecordError, read_raw_records
 from sophiavl_mcore.rewards.config import ThinkingRewardConfig
 from sophiavl_mcore.rewards.thinking import ThinkingRequest, build_messages
 from sophiavl_mcore.trainer.sft import SFTExample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +146,7 @@ def score_text(score: float) -> str:
     return f"<answer>{math.floor(score * 10 + 0.5) / 10:.1f}</answer>"
 
 
-def trm_prompt(chat: Any, record: ThinkingRecord, thinking: ThinkingRewardConfig) -> str:
+def trm_prompt(chat: PreTrainedTokenizerBase, record: ThinkingRecord, thinking: ThinkingRewardConfig) -> str:
     """The TRM prompt (chat template applied, generation prompt open) for ``record``.
 
     Built with the client's own :func:`~sophiavl_mcore.rewards.thinking.build_messages`
@@ -185,7 +188,7 @@ class ExampleBuilder:
     loader) and ``data/skipped_too_long``; ``data/examples`` counts built ones.
     """
 
-    def __init__(self, tokenizer: Any, image_cfg: ImageConfig | None = None,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_cfg: ImageConfig | None = None,
                  max_seq_len: int = 4096, image_loader: ImageLoader | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_cfg = image_cfg or ImageConfig()

@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
-from sophiavl_mcore.parallel.host import host_group
+from sophiavl_mcore.parallel.collectives import host_all_gather, host_all_gather_object
 from sophiavl_mcore.rewards.stage import GroupScores
 from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult
 from sophiavl_mcore.rollout.exchange import TrainRow
 from sophiavl_mcore.rollout.interface import RolloutResult
 from sophiavl_mcore.rollout.layout import EngineLayout
 from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from sophiavl_mcore.data.images import ImageBatch
+
+#: The task's true thinking quality of an engine's replies, f64 [M_e] (NaN = unknown).
+QualityOracle = Callable[["EngineRollout"], np.ndarray]
 
 
 @dataclasses.dataclass
@@ -38,7 +45,7 @@ class EngineRollout:
     first_group: int
     records: list[Record]
     results: list[RolloutResult | None]
-    images: list[Any]
+    images: list[Image.Image | None]
     n: int
 
     def texts(self) -> list[list[str]]:
@@ -87,7 +94,7 @@ def answer_code(text: str) -> float:
     return float(zlib.crc32(p.answer.strip().encode())) if p.well_formed else -1.0
 
 
-def engine_columns(roll: EngineRollout, scores: GroupScores, oracle: Any = None
+def engine_columns(roll: EngineRollout, scores: GroupScores, oracle: QualityOracle | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(f64 [M_e, len(RESPONSE_COLUMNS)], f64 [G_e, len(GROUP_COLUMNS)]); ``oracle``: the
     task's true thinking quality of a rollout's replies (NaN column without one)."""
@@ -145,14 +152,12 @@ class StepScalars:
 
 
 def gather_scalars(layout: EngineLayout, records: Sequence[Record], roll: EngineRollout,
-                   scores: GroupScores, oracle: Any = None) -> StepScalars:
+                   scores: GroupScores, oracle: QualityOracle | None = None) -> StepScalars:
     """Collective: every engine's scalar columns on every rank (leaders' copies)."""
     resp, groups = engine_columns(roll, scores, oracle)
     both = torch.from_numpy(np.concatenate([resp.reshape(-1), groups.reshape(-1)]))
-    out = [torch.empty_like(both) for _ in range(layout.world)]
-    dist.all_gather(out, both, group=host_group())
-    metrics: list[Any] = [None] * layout.world
-    dist.all_gather_object(metrics, scores.trm_metrics, group=host_group())
+    out = host_all_gather(both)
+    metrics = host_all_gather_object(scores.trm_metrics)
     leaders = [layout.leader(e) for e in range(layout.num_engines)]
     split = resp.size
     all_resp = np.concatenate([out[r][:split].numpy().reshape(resp.shape) for r in leaders])
@@ -209,14 +214,14 @@ def rollout_metrics(s: StepScalars, layout: EngineLayout) -> dict[str, float]:
     return out
 
 
-def local_batch(rows: Sequence[TrainRow], records: Sequence[Record], images: Any,
+def local_batch(rows: Sequence[TrainRow], records: Sequence[Record], images: ImageBatch,
                 image_rows: dict[int, int], vision_ids: torch.Tensor, pad_id: int,
                 biased_ids: Sequence[int] = ()) -> RolloutBatch:
     """This rank's DP share as a :class:`RolloutBatch`. ``images``: an
     :class:`~sophiavl_mcore.data.images.ImageBatch` holding the share's groups;
     ``image_rows[group]``: that group's index in it."""
     prompt_ids, response_ids, masks, lps, pvs, grids, groups, types, adv = ([] for _ in range(9))
-    per_group: dict[int, tuple[Any, Any]] = {}  # one tensor object per group's image
+    per_group: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # one tensor object per group's image
     for row in rows:
         rid = torch.from_numpy(np.asarray(row.response_ids, np.int64))
         # A sampled vision token would read as an image slot without an image (M-RoPE /
@@ -242,7 +247,7 @@ def local_batch(rows: Sequence[TrainRow], records: Sequence[Record], images: Any
                         biased_ids=tuple(int(i) for i in biased_ids))
 
 
-def _group_image(images: Any, i: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _group_image(images: ImageBatch, i: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     row = images.image_index[i] if i is not None else None
     if row is None:
         return None, None
@@ -256,10 +261,10 @@ class SampleView:
     :func:`~sophiavl_mcore.trainer.metrics.log_step` shows (text + image)."""
 
     records: list[Record]
-    responses: list[list[dict[str, Any]]]
+    responses: list[list[dict[str, str]]]
     outcome: np.ndarray
     thinking: np.ndarray
-    images: list[Any]
+    images: list[Image.Image | None]
 
     @classmethod
     def of(cls, roll: EngineRollout, scores: GroupScores) -> SampleView:

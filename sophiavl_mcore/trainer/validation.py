@@ -11,19 +11,21 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
-from sophiavl_mcore.parallel.host import host_group
+from sophiavl_mcore.parallel.collectives import host_all_gather
+
+if TYPE_CHECKING:
+    from sophiavl_mcore.trainer.grpo_trainer import GRPOTrainer
 
 logger = logging.getLogger(__name__)
 
 
-def _answer_slice(trainer: Any, records: Sequence[Record]) -> tuple[range, np.ndarray]:
+def _answer_slice(trainer: GRPOTrainer, records: Sequence[Record]) -> tuple[range, np.ndarray]:
     """This engine's records and per record [answered, accuracy, well_formed]."""
     from sophiavl_mcore.data.prompts import build_prompt
     from sophiavl_mcore.rewards.outcome import OutcomeSample, score_outcomes
@@ -55,7 +57,7 @@ def _answer_slice(trainer: Any, records: Sequence[Record]) -> tuple[range, np.nd
     return span, out
 
 
-def evaluate(trainer: Any, records: Sequence[Record]) -> dict[str, float]:
+def evaluate(trainer: GRPOTrainer, records: Sequence[Record]) -> dict[str, float]:
     """Collective: greedy answers on every engine, graded; same metrics on every rank."""
     layout = trainer.layout
     per = math.ceil(len(records) / layout.num_engines)
@@ -66,8 +68,7 @@ def evaluate(trainer: Any, records: Sequence[Record]) -> dict[str, float]:
         logger.exception("validation failed on rank %d", trainer.info.rank)
         local, failed = np.zeros((per, 3)), 1.0
     flat = torch.from_numpy(np.concatenate([local.reshape(-1), [failed]]))
-    out = [torch.empty_like(flat) for _ in range(layout.world)]
-    dist.all_gather(out, flat, group=host_group())
+    out = host_all_gather(flat)
     if any(float(t[-1]) for t in out):
         return {"val/failed": 1.0}
     rows = np.concatenate([out[layout.leader(e)][:-1].numpy().reshape(per, 3)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import difflib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ import torch.distributed as dist
 
 from sophiavl_mcore.checkpoint.mapping import ConversionPlan, build_plan
 from sophiavl_mcore.models.hf_config import load_config_json, read_lm_dims
+from sophiavl_mcore.models.unwrap import checkpoint_view
+from sophiavl_mcore.parallel.collectives import run_on_rank
 from sophiavl_mcore.weight_sync.config import WeightSyncConfig
 from sophiavl_mcore.weight_sync.interface import SyncReport, WeightSync, WeightSyncError
 from sophiavl_mcore.weight_sync.memory import PeakRSS
@@ -70,16 +72,13 @@ logger = logging.getLogger(__name__)
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
 
-def _unwrap(model: Any) -> torch.nn.Module:
+def _one_chunk(model: torch.nn.Module | Sequence[torch.nn.Module]) -> torch.nn.Module:
     if isinstance(model, (list, tuple)):
         if len(model) != 1:
             raise NotImplementedError(
                 f"weight sync got {len(model)} model chunks; virtual pipeline stages are not supported"
             )
         model = model[0]
-    # DDP / Float16Module wrappers keep the real model in ``.module``.
-    while not hasattr(model, "checkpoint_module") and isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
     return model
 
 
@@ -162,13 +161,13 @@ class MegatronWeightSync(WeightSync):
         self.coords = coords
         self.sources = source_table(coords, self.tp, self.pp)
         self.plan = plan if plan is not None else self._build_plan(coords, metas)
-        info: list[Any] = [None]
-        if self.is_engine_rank:
+
+        def engine_state() -> tuple[int, str]:
             kind = "reload" if self._updater is None else ("live" if self._updater.live else "inplace")
-            info[0] = (getattr(engine, "policy_version", 0), kind)
-        dist.broadcast_object_list(info, src=self.cfg.engine_rank)
-        self._version = int(info[0][0])
-        self.engine_update: str = info[0][1]  # how the engine takes weights (every rank)
+            return int(getattr(engine, "policy_version", 0)), kind
+
+        self._version, update = run_on_rank(engine_state, src=self.cfg.engine_rank)
+        self.engine_update: str = update  # how the engine takes weights (every rank)
 
     # ------------------------------------------------------------------ setup
 
@@ -176,8 +175,7 @@ class MegatronWeightSync(WeightSync):
         """This rank's model stage, its place in the layout and the HF config."""
         from megatron.core import parallel_state as ps
 
-        chunk = _unwrap(model)
-        self.module = chunk.checkpoint_module() if hasattr(chunk, "checkpoint_module") else chunk
+        self.module = checkpoint_view(_one_chunk(model))
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.coord = RankCoord(self.rank, ps.get_tensor_model_parallel_rank(),
@@ -206,12 +204,12 @@ class MegatronWeightSync(WeightSync):
         return [o[0] for o in out], [o[1] for o in out]
 
     def _build_plan(self, coords: list[RankCoord], metas: list[dict]) -> ConversionPlan:
-        prefix = [None]
-        if self.is_engine_rank:
+        def engine_prefix() -> str:
             names = self.expected or {}
-            prefix[0] = ("model.language_model."
-                         if any(n.startswith("model.language_model.") for n in names) else "model.")
-        dist.broadcast_object_list(prefix, src=self.cfg.engine_rank)
+            return ("model.language_model."
+                    if any(n.startswith("model.language_model.") for n in names) else "model.")
+
+        prefix = run_on_rank(engine_prefix, src=self.cfg.engine_rank)
         te = any(n.endswith("linear_qkv.layer_norm_weight") for m in metas for n in m)
         padded = None
         for m in metas:
@@ -225,7 +223,7 @@ class MegatronWeightSync(WeightSync):
                         for m in metas for n in m)
         return build_plan(
             read_lm_dims(self.hf_config), self.tp, self.pp,
-            layers_per_stage=counts if all(counts) else None, te=te, hf_prefix=prefix[0],
+            layers_per_stage=counts if all(counts) else None, te=te, hf_prefix=prefix,
             vocab_divisible_by=max(1, (padded or self.tp) // self.tp),
             config_json=self.hf_config if has_extra else None,
         )
@@ -275,14 +273,12 @@ class MegatronWeightSync(WeightSync):
         return problems
 
     def _check(self, coords: list[RankCoord], metas: list[dict]) -> None:
-        verdict: list[Any] = [None]
-        if self.is_engine_rank:
-            verdict[0] = self._trainer_problems(coords, metas) + self._engine_problems()
-        dist.broadcast_object_list(verdict, src=self.cfg.engine_rank)
-        if verdict[0]:
+        problems = run_on_rank(lambda: self._trainer_problems(coords, metas) + self._engine_problems(),
+                               src=self.cfg.engine_rank)
+        if problems:
             raise WeightSyncError(
                 f"weight sync refused before loading anything; the engine stays at policy_version="
-                f"{self._version}: " + "; ".join(verdict[0])
+                f"{self._version}: " + "; ".join(problems)
             )
 
     # ------------------------------------------------------------------ transfer

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sophiavl_mcore.parallel.host import host_group
+from sophiavl_mcore.parallel.collectives import host_all_reduce
 from sophiavl_mcore.weight_sync.interface import SyncReport, WeightSyncError
 from sophiavl_mcore.weight_sync.megatron_sync import (
     MegatronWeightSync,
@@ -160,7 +160,7 @@ class SpmdWeightSync(MegatronWeightSync):
                 self._drain(buckets, tensors, progress)
                 error, new = f"rank {self.rank}: {type(err).__name__}: {err}", -1
             verdict = torch.tensor([1 if error else 0, new, -new], dtype=torch.int64)
-            dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=host_group())
+            host_all_reduce(verdict, op=dist.ReduceOp.MAX)
         if verdict[0]:
             raise WeightSyncError(f"weight sync failed inside an engine{': ' + error if error else ''}")
         if int(verdict[1]) != -int(verdict[2]):
