@@ -256,6 +256,11 @@ class GRPORunConfig:
     the training forward's own, detached: no extra forward pass).
     ``dynamic_sampling``: drop groups whose rewards are all equal and draw more prompts,
     at most ``max_sampling_rounds`` extra rounds (:mod:`~sophiavl_mcore.trainer.sampling`).
+    ``micro_batch_size``: responses per forward/backward of the update on one rank;
+    ``logprob_micro_batch_size``: responses per forward of the no-grad passes (reference,
+    old log-probs; verl's ``log_prob_micro_batch_size``), 0 = ``micro_batch_size``. No
+    activations are kept for a backward there, so larger micro-batches cost little memory
+    and fewer, wider forwards.
     """
 
     total_steps: int = 10
@@ -264,6 +269,7 @@ class GRPORunConfig:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 3
     micro_batch_size: int = 8
+    logprob_micro_batch_size: int = 0
     val_every: int = 0
     val_size: int = 32
     log_samples_every: int = 0
@@ -274,7 +280,8 @@ class GRPORunConfig:
                    "val_size")
                   if getattr(self, k) < 1]
         errors += [f"{k}={getattr(self, k)} must be >= 0" for k in
-                   ("val_every", "log_samples_every", "max_sampling_rounds") if getattr(self, k) < 0]
+                   ("val_every", "log_samples_every", "max_sampling_rounds", "logprob_micro_batch_size")
+                   if getattr(self, k) < 0]
         if errors:
             raise ValueError("train: " + "; ".join(errors))
 

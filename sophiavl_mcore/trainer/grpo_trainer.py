@@ -179,6 +179,7 @@ class GRPOTrainer:
         return ppo_updates(self.ddp, self.optimizer, self.scheduler, self.reference, batch,
                            c.loss, updates=c.train.updates_per_rollout,
                            micro_batch_size=c.train.micro_batch_size,
+                           logprob_micro_batch_size=c.train.logprob_micro_batch_size or None,
                            temperature=c.rollout.sampling.temperature, timer=timer)
 
     # ------------------------------------------------------------------ sync, save, export
@@ -229,9 +230,11 @@ def ppo_updates(ddp: DistributedDataParallel, optimizer: MegatronOptimizer,
                 scheduler: OptimizerParamScheduler, reference: ReferenceModel | None,
                 batch: RolloutBatch, loss_cfg: GRPOLossConfig, *, updates: int,
                 micro_batch_size: int, temperature: float,
-                timer: PhaseTimer | None = None) -> dict[str, float]:
+                timer: PhaseTimer | None = None,
+                logprob_micro_batch_size: int | None = None) -> dict[str, float]:
     """Reference (and, for several updates, old) log-probs of ``batch`` (this rank's
-    share), then ``updates`` optimizer steps on consecutive mini-batches of it.
+    share; ``logprob_micro_batch_size`` responses per forward, default
+    ``micro_batch_size``), then ``updates`` optimizer steps on consecutive mini-batches of it.
 
     One update: no old-log-prob pass — the ratio is taken against the training
     forward's own log-probs, detached (exactly 1, as a separate pass would give on the
@@ -244,13 +247,13 @@ def ppo_updates(ddp: DistributedDataParallel, optimizer: MegatronOptimizer,
     if updates < 1 or len(batch) % updates:
         raise ValueError(f"{len(batch)} responses on this rank do not split into "
                          f"updates_per_rollout={updates} equal mini-batches")
+    no_grad_mbs = logprob_micro_batch_size or micro_batch_size
     if updates > 1:
         with timer("old_logprobs"):
-            batch.old_logprobs = compute_logprobs(ddp, batch, micro_batch_size, temperature).logprobs
+            batch.old_logprobs = compute_logprobs(ddp, batch, no_grad_mbs, temperature).logprobs
     if reference is not None:
         with timer("ref_logprobs"):
-            batch.ref_logprobs = reference.compute_logprobs(batch, micro_batch_size,
-                                                            temperature).logprobs
+            batch.ref_logprobs = reference.compute_logprobs(batch, no_grad_mbs, temperature).logprobs
     per = len(batch) // updates
     with timer("train"):
         steps = [grpo_train_step(ddp, optimizer, scheduler, batch.select(range(i * per, (i + 1) * per)),

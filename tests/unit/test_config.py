@@ -117,3 +117,11 @@ def test_sections_compose_and_lists_of_sections_are_checked() -> None:
         load(None, ["data.sources=[{pth: a.jsonl}]"])
     with pytest.raises(ConfigError, match=r"parallel\.backend: 'mpi' is not one of"):
         load(None, ["parallel.backend=mpi"])
+
+
+def test_logprob_micro_batch_size_is_checked() -> None:
+    from sophiavl_mcore.trainer.config import GRPORunConfig
+
+    assert GRPORunConfig(logprob_micro_batch_size=64).logprob_micro_batch_size == 64
+    with pytest.raises(ValueError, match="logprob_micro_batch_size=-1 must be >= 0"):
+        GRPORunConfig(logprob_micro_batch_size=-1)
