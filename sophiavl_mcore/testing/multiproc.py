@@ -49,3 +49,31 @@ def launch(fn: Callable, nprocs: int, *args: Any) -> list[Any]:
             join=True, start_method="spawn",
         )
         return [pickle.loads(Path(out, f"rank{r}.pkl").read_bytes()) for r in range(nprocs)]
+
+
+def kill_when_ready(target: Callable, args: tuple, ready: Path, timeout_s: float = 120) -> Path:
+    """Run ``target(*args)`` in a spawned process, wait until it has written ``ready``
+    (the path of the file it completed before pausing), SIGKILL it there and return that
+    path: a crash at a chosen point of a write, for tests of what survives one."""
+    import multiprocessing
+    import signal
+    import time
+
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    proc.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready.exists():
+            if not proc.is_alive():
+                raise AssertionError(f"child died early with exit code {proc.exitcode}")
+            if time.monotonic() > deadline:
+                raise AssertionError("child never reached the pause")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    if proc.exitcode != -signal.SIGKILL:
+        raise AssertionError(f"child exited with {proc.exitcode}, not by SIGKILL")
+    return Path(ready.read_text())

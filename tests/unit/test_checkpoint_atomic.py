@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
-import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from sophiavl_mcore.checkpoint.manifest import (
 )
 from sophiavl_mcore.checkpoint.training import LATEST, CheckpointManager
 from sophiavl_mcore.data.records import MixedSampler
+from sophiavl_mcore.testing.multiproc import kill_when_ready
 
 
 def _setup(seed: int = 0):
@@ -120,22 +118,7 @@ def _child_save(root: str, ready: str) -> None:
 
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     root, ready = tmp_path / "ck", tmp_path / "ready"
-    proc = multiprocessing.get_context("spawn").Process(target=_child_save,
-                                                        args=(str(root), str(ready)))
-    proc.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert proc.is_alive(), f"child died early with exit code {proc.exitcode}"
-            assert time.monotonic() < deadline, "child never reached the pause"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(30)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-    assert proc.exitcode == -signal.SIGKILL
-    written = Path(ready.read_text())
+    written = kill_when_ready(_child_save, (str(root), str(ready)), ready)
     assert written.name == "head.safetensors" and ".tmp-" in written.parent.parent.name
     stale = [p.name for p in root.iterdir() if ".tmp-" in p.name]
     assert len(stale) == 1  # the interrupted save's directory is there, half written

@@ -18,9 +18,6 @@ in-place export) changes bytes the check compares.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -33,6 +30,7 @@ from sophiavl_mcore.checkpoint.convert import convert_mcore_to_hf
 from sophiavl_mcore.checkpoint.hf import export_hf
 from sophiavl_mcore.checkpoint.manifest import CHECKSUMS, verify_dir
 from sophiavl_mcore.checkpoint.training import CheckpointManager
+from sophiavl_mcore.testing.multiproc import kill_when_ready
 from tests.unit.test_checkpoint_safety_issue17 import NamedTensors, _tiny_module
 
 SHARD = 1  # bytes: one HF safetensors file per conversion rule, so an export has several
@@ -167,22 +165,7 @@ def test_sigkill_mid_export_keeps_old_or_nothing_and_next_export_cleans(case, tm
     child_case = {k: v for k, v in case.items() if not k.endswith("_model")}
     if source == "live":  # the child rebuilds the live model from the same tensors
         child_case["new_model"] = case["new_model"]
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_child_export, args=(source, child_case, str(ready)))
-    proc.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert proc.is_alive(), f"child died early with exit code {proc.exitcode}"
-            assert time.monotonic() < deadline, "child never reached the pause"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(30)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-    assert proc.exitcode == -signal.SIGKILL
-    written = Path(ready.read_text())
+    written = kill_when_ready(_child_export, (source, child_case, str(ready)), ready)
     stale = [p for p in written.parents if p.name.startswith(".") and ".tmp-" in p.name]
     assert stale and stale[0].exists(), written  # killed mid-write, in a temp dir
 
