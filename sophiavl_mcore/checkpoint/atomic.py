@@ -36,7 +36,7 @@ def fsync_path(path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` so that readers see the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    tmp = tmp_sibling(path, secrets.token_hex(4))
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -46,7 +46,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def tmp_sibling(target: Path, nonce: str) -> Path:
-    """Where a new ``target`` directory is built before :func:`publish_dir`."""
+    """Where a new ``target`` (a directory, before :func:`publish_dir`, or a file) is
+    written first."""
     return target.with_name(f".{target.name}.tmp-{nonce}")
 
 

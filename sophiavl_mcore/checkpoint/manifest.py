@@ -22,12 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sophiavl_mcore.checkpoint.atomic import atomic_write_text
 from sophiavl_mcore.checkpoint.st_io import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -63,10 +62,8 @@ def write_checksums(directory: str | Path) -> Path:
         if rel != CHECKSUMS:
             files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     out = directory / CHECKSUMS
-    tmp = directory / f".{CHECKSUMS}.tmp-{secrets.token_hex(4)}"
-    tmp.write_text(json.dumps({"format": CHECKSUMS_FORMAT, "version": 1, "files": files},
-                              indent=1))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps({"format": CHECKSUMS_FORMAT, "version": 1, "files": files},
+                                      indent=1))
     return out
 
 

@@ -179,7 +179,7 @@ class GRPOTrainer:
         return ppo_updates(self.ddp, self.optimizer, self.scheduler, self.reference, batch,
                            c.loss, updates=c.train.updates_per_rollout,
                            micro_batch_size=c.train.micro_batch_size,
-                           logprob_micro_batch_size=c.train.logprob_micro_batch_size or None,
+                           logprob_micro_batch_size=c.train.logprob_micro_batch_size,
                            temperature=c.rollout.sampling.temperature, timer=timer)
 
     # ------------------------------------------------------------------ sync, save, export
@@ -231,10 +231,9 @@ def ppo_updates(ddp: DistributedDataParallel, optimizer: MegatronOptimizer,
                 batch: RolloutBatch, loss_cfg: GRPOLossConfig, *, updates: int,
                 micro_batch_size: int, temperature: float,
                 timer: PhaseTimer | None = None,
-                logprob_micro_batch_size: int | None = None) -> dict[str, float]:
+                logprob_micro_batch_size: int = 0) -> dict[str, float]:
     """Reference (and, for several updates, old) log-probs of ``batch`` (this rank's
-    share; ``logprob_micro_batch_size`` responses per forward, default
-    ``micro_batch_size``), then ``updates`` optimizer steps on consecutive mini-batches of it.
+    share; ``logprob_micro_batch_size`` responses per forward, 0 = ``micro_batch_size``), then ``updates`` optimizer steps on consecutive mini-batches of it.
 
     One update: no old-log-prob pass — the ratio is taken against the training
     forward's own log-probs, detached (exactly 1, as a separate pass would give on the

@@ -262,11 +262,8 @@ class RolloutBatch:
                 # collate's loss_mask marks every response position; ours refines it below
                 target = torch.zeros(ids.numel(), dtype=torch.bool)
                 target[self.prompt_lens[i]:] = True
-                examples.append(SFTExample(
-                    ids, target,
-                    self.pixel_values[i] if self.pixel_values is not None else None,
-                    self.image_grid_thw[i] if self.image_grid_thw is not None else None,
-                    source=f"rollout response {i}"))
+                # Images are collated below, each shared tensor once.
+                examples.append(SFTExample(ids, target, source=f"rollout response {i}"))
             mb = collate(examples, self.pad_id, pad_to_multiple_of)
             if self.pixel_values is not None:
                 mb.update(_distinct_images([self.pixel_values[i] for i in idx],
@@ -300,11 +297,11 @@ class RolloutBatch:
 
 def _distinct_images(pixel_values: Sequence[torch.Tensor | None],
                      grids: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
-    """A micro-batch's images with each shared tensor object once (the samples of a group
+    """A micro-batch's images, each shared tensor object once (the samples of a group
     share their prompt's image tensor): ``pixel_values`` [patches, D] and
-    ``image_grid_thw`` [U, 3] of the distinct images, and ``image_index`` int64
-    [images in row order] naming each occurrence's distinct image — or ``None`` when
-    nothing repeats (then the collated tensors are used as they are)."""
+    ``image_grid_thw`` [U, 3] of the distinct images (None without images), and, when
+    some image repeats, ``image_index`` int64 [images in row order] naming each
+    occurrence's distinct image."""
     first: dict[int, int] = {}  # id(tensor) -> first image row of it among the distinct
     pvs, gs, index = [], [], []
     rows = 0
@@ -317,7 +314,9 @@ def _distinct_images(pixel_values: Sequence[torch.Tensor | None],
             gs.append(grid)
             rows += grid.shape[0]
         index.extend(range(first[id(pv)], first[id(pv)] + grid.shape[0]))
-    if rows == len(index):
-        return {}
-    return {"pixel_values": torch.cat(pvs), "image_grid_thw": torch.cat(gs),
-            "image_index": torch.tensor(index, dtype=torch.long)}
+    out: dict[str, torch.Tensor | None] = {
+        "pixel_values": torch.cat(pvs) if pvs else None,
+        "image_grid_thw": torch.cat(gs) if gs else None}
+    if rows < len(index):
+        out["image_index"] = torch.tensor(index, dtype=torch.long)
+    return out
