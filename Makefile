@@ -12,6 +12,6 @@ test:
 lint:
 	.venv/bin/ruff check .
 
-# Every bench prints a table and ends with one RESULT line (see ../shared/DESIGN.md).
+# Every bench runs its baseline and ours in one process and ends with one RESULT line.
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; .venv/bin/python $$b || exit 1; done
