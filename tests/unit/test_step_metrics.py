@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sophiavl_mcore.trainer.metrics import answer_metrics
+from sophiavl_mcore.trainer.grpo.metrics import answer_metrics
 
 
 def _reply(answer: str) -> str:
@@ -41,7 +41,7 @@ def test_thinking_metrics_overall_and_per_source_by_hand() -> None:
     import math
     from types import SimpleNamespace
 
-    from sophiavl_mcore.trainer.metrics import thinking_metrics
+    from sophiavl_mcore.trainer.grpo.metrics import thinking_metrics
 
     # 3 groups of 2: c, h, c. Group 1 (hacked): the wrong reply thought better, gamma < 1.
     outcome = np.array([1, 0, 1, 0, 1, 1], dtype=float)

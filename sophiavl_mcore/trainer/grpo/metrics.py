@@ -12,7 +12,7 @@ import numpy as np
 if TYPE_CHECKING:
     from sophiavl_mcore.logging import MetricsWriter
     from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult
-    from sophiavl_mcore.trainer.step_data import SampleView, StepScalars
+    from sophiavl_mcore.trainer.grpo.step_data import SampleView, StepScalars
 
 CONSOLE_KEYS = ("reward/outcome_mean", "reward/thinking_mean", "reward/total_mean",
                 "reward/gamma_mean", "train/kl", "train/entropy", "train/clip_fraction",
@@ -72,7 +72,7 @@ def reward_metrics(roll: StepScalars, trust: TrustGRPOResult, advantages: np.nda
     """Rewards per problem type, outcome vs thinking, γ, annealing, advantages, and the
     thinking / trust metrics of :func:`thinking_metrics` per data source.
 
-    ``roll``: the step's :class:`~sophiavl_mcore.trainer.step_data.StepScalars`; ``trust``: the
+    ``roll``: the step's :class:`~sophiavl_mcore.trainer.grpo.step_data.StepScalars`; ``trust``: the
     :class:`~sophiavl_mcore.rewards.trust_grpo.TrustGRPOResult` of the step;
     ``true_quality``: f64[N] oracle thinking quality when the task has one (NaN = none).
     """

@@ -28,14 +28,14 @@ from sophiavl_mcore.rewards.stage import GroupScores, score_groups
 from sophiavl_mcore.rollout.exchange import plan_transfers, redistribute
 from sophiavl_mcore.rollout.interface import RolloutRequest, RolloutResult
 from sophiavl_mcore.rollout.layout import EngineLayout
-from sophiavl_mcore.trainer.config import GRPOTrainConfig
-from sophiavl_mcore.trainer.setup import model_dir
-from sophiavl_mcore.trainer.step_data import (
+from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
+from sophiavl_mcore.trainer.grpo.step_data import (
     EngineRollout,
     StepScalars,
     gather_scalars,
     local_batch,
 )
+from sophiavl_mcore.trainer.setup import model_dir
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
@@ -52,10 +52,10 @@ if TYPE_CHECKING:
     from sophiavl_mcore.rewards.thinking import ThinkingRewardClient
     from sophiavl_mcore.rewards.trm_server import LocalTRM
     from sophiavl_mcore.rollout.vllm_engine import VllmRolloutEngine
-    from sophiavl_mcore.trainer.config import GRPOLossConfig
-    from sophiavl_mcore.trainer.metrics import PhaseTimer
-    from sophiavl_mcore.trainer.reference_model import ReferenceModel
-    from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
+    from sophiavl_mcore.trainer.grpo.config import GRPOLossConfig
+    from sophiavl_mcore.trainer.grpo.metrics import PhaseTimer
+    from sophiavl_mcore.trainer.grpo.reference_model import ReferenceModel
+    from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
     from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class GRPOTrainer:
-    """A built run on this rank (see :func:`~sophiavl_mcore.trainer.build.build_trainer`)."""
+    """A built run on this rank (see :func:`~sophiavl_mcore.trainer.grpo.build.build_trainer`)."""
 
     cfg: GRPOTrainConfig
     info: ParallelInfo
@@ -239,8 +239,8 @@ def ppo_updates(ddp: DistributedDataParallel, optimizer: MegatronOptimizer,
     forward's own log-probs, detached (exactly 1, as a separate pass would give on the
     same weights). Several: old log-probs once, before the first update, so later
     mini-batches see a moved policy and the clip acts."""
-    from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
-    from sophiavl_mcore.trainer.metrics import PhaseTimer
+    from sophiavl_mcore.trainer.grpo.metrics import PhaseTimer
+    from sophiavl_mcore.trainer.grpo.step import compute_logprobs, grpo_train_step
 
     timer = timer or PhaseTimer()
     if updates < 1 or len(batch) % updates:
