@@ -147,10 +147,12 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
         run_on_rank(trm_server.wait_healthy)
     trm = (thinking_client(cfg.rewards.thinking, engine)
            if cfg.rewards.trust_grpo.use_thinking else None)
-    return GRPOTrainer(cfg, info, layout, model, ddp, optimizer, scheduler, reference, engine, sync,
-                       trm, sampler, tokenizer, ImageLoader(image_cfg), ckpt, meta, pad_id,
-                       torch.tensor(vision_token_ids(tokenizer)), engine_group, start,
-                       trm_server)
+    return GRPOTrainer(cfg=cfg, info=info, layout=layout, model=model, ddp=ddp,
+                       optimizer=optimizer, scheduler=scheduler, reference=reference,
+                       engine=engine, sync_=sync, trm=trm, sampler=sampler, tokenizer=tokenizer,
+                       image_loader=ImageLoader(image_cfg), ckpt=ckpt, meta=meta, pad_id=pad_id,
+                       vision_ids=torch.tensor(vision_token_ids(tokenizer)),
+                       engine_group=engine_group, start_step=start, trm_server=trm_server)
 
 
 def thinking_client(cfg: ThinkingRewardConfig, engine: RolloutEngine) -> ThinkingRewardClient:

@@ -170,21 +170,6 @@ def thinking_metrics(outcome: np.ndarray, thinking: np.ndarray, trust: TrustGRPO
     return out
 
 
-def answer_metrics(groups: list[list[str]]) -> dict[str, float]:
-    """How varied the well-formed answers are: ``rollout/answer_top_frac`` is the share
-    of the most common answer over the step, ``rollout/answer_distinct`` the mean number
-    of distinct answers per group (1 everywhere = no group can produce an advantage)."""
-    from sophiavl_mcore.rewards.outcome import parse_response
-
-    answers = [[p.answer for p in map(parse_response, g) if p.well_formed] for g in groups]
-    flat = [a for g in answers for a in g]
-    if not flat:
-        return {}
-    _, counts = np.unique(flat, return_counts=True)
-    return {"rollout/answer_top_frac": float(counts.max() / len(flat)),
-            "rollout/answer_distinct": float(np.mean([len(set(g)) for g in answers if g]))}
-
-
 def sample_text(roll: SampleView, k: int = 4) -> str:
     """Markdown of the first ``k`` responses of the first group, with their rewards."""
     if not roll.responses:

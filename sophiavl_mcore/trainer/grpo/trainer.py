@@ -31,8 +31,6 @@ from sophiavl_mcore.rollout.layout import EngineLayout
 from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 from sophiavl_mcore.trainer.grpo.step_data import (
     EngineRollout,
-    StepScalars,
-    gather_scalars,
     local_batch,
 )
 from sophiavl_mcore.trainer.setup import model_dir
@@ -51,7 +49,7 @@ if TYPE_CHECKING:
     from sophiavl_mcore.parallel import ParallelInfo
     from sophiavl_mcore.rewards.thinking import ThinkingRewardClient
     from sophiavl_mcore.rewards.trm_server import LocalTRM
-    from sophiavl_mcore.rollout.vllm_engine import VllmRolloutEngine
+    from sophiavl_mcore.rollout.interface import RolloutEngine
     from sophiavl_mcore.trainer.grpo.config import GRPOLossConfig
     from sophiavl_mcore.trainer.grpo.metrics import PhaseTimer
     from sophiavl_mcore.trainer.grpo.reference_model import ReferenceModel
@@ -61,7 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class GRPOTrainer:
     """A built run on this rank (see :func:`~sophiavl_mcore.trainer.grpo.build.build_trainer`)."""
 
@@ -73,7 +71,7 @@ class GRPOTrainer:
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     reference: ReferenceModel | None
-    engine: VllmRolloutEngine
+    engine: RolloutEngine
     sync_: SpmdWeightSync
     trm: ThinkingRewardClient | None
     sampler: MixedSampler
@@ -128,10 +126,10 @@ class GRPOTrainer:
     def score(self, roll: EngineRollout, step: int) -> GroupScores:
         """R^o, R^t, Trust-GRPO and advantages of this engine's groups. With RTP > 1 only
         the engine's leader asks the TRM and broadcasts R^t to the engine's other ranks —
-        unless the TRM runs on this very engine, which every engine rank must drive."""
-        on_engine = getattr(self.trm, "engine", None) is self.engine
+        unless the client's scoring is collective over the engine's ranks
+        (:attr:`~sophiavl_mcore.rewards.thinking.ThinkingRewardClient.collective`)."""
         leader = self.layout.leader(self.engine_index)
-        shared = self.layout.rtp > 1 and self.trm is not None and not on_engine
+        shared = self.layout.rtp > 1 and self.trm is not None and not self.trm.collective
 
         def agree(thinking: np.ndarray) -> np.ndarray:
             t = torch.from_numpy(np.ascontiguousarray(thinking, dtype=np.float64))
@@ -275,11 +273,6 @@ def merge_update_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
     out["train/input_tokens"] = float(sum(s["train/input_tokens"] for s in steps))
     out["train/updates"] = float(len(steps))
     return out
-
-
-def step_scalars(trainer: GRPOTrainer, records: list[Record], roll: EngineRollout,
-                 scores: GroupScores) -> StepScalars:
-    return gather_scalars(trainer.layout, records, roll, scores)
 
 
 def seed_everything(seed: int) -> None:
