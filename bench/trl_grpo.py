@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from sophiavl_mcore.data.prompts import build_messages
     from sophiavl_mcore.data.records import load_records
     from sophiavl_mcore.rewards.outcome import OutcomeSample, score_outcomes
-    from sophiavl_mcore.trainer.config import GRPOTrainConfig
+    from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
     from sophiavl_mcore.trainer.setup import model_dir, prepare_files
 
     root = Path(__file__).resolve().parents[1]

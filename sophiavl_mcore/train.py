@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sophiavl_mcore.config import to_dict
-from sophiavl_mcore.trainer.config import GRPOTrainConfig
+from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 from sophiavl_mcore.trainer.setup import check_world, model_dims
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 def dry_run(cfg: GRPOTrainConfig) -> int:
     """Validate config + trainer and rollout layouts for ``WORLD_SIZE`` (or tp·pp) ranks
     and print them; needs the model's ``config.json`` only."""
-    from sophiavl_mcore.trainer.build import engine_layout
+    from sophiavl_mcore.trainer.grpo.build import engine_layout
 
     world = int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp))
     dp = check_world(cfg, world)
@@ -50,20 +50,20 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     from sophiavl_mcore.data.dots_reasoning import quality_oracle
     from sophiavl_mcore.data.records import load_records
     from sophiavl_mcore.logging import MetricsWriter, console_line
-    from sophiavl_mcore.trainer.build import build_trainer
-    from sophiavl_mcore.trainer.grpo_trainer import seed_everything
-    from sophiavl_mcore.trainer.metrics import (
+    from sophiavl_mcore.trainer.grpo.build import build_trainer
+    from sophiavl_mcore.trainer.grpo.metrics import (
         CONSOLE_KEYS,
         PhaseTimer,
         log_step,
         reward_metrics,
         step_perf,
     )
+    from sophiavl_mcore.trainer.grpo.sampling import collect_groups
+    from sophiavl_mcore.trainer.grpo.step_data import gather_scalars, rollout_metrics
+    from sophiavl_mcore.trainer.grpo.trainer import seed_everything
+    from sophiavl_mcore.trainer.grpo.validation import evaluate
     from sophiavl_mcore.trainer.preemption import PreemptionWatcher, write_run_state
-    from sophiavl_mcore.trainer.sampling import collect_groups
     from sophiavl_mcore.trainer.setup import val_path
-    from sophiavl_mcore.trainer.step_data import gather_scalars, rollout_metrics
-    from sophiavl_mcore.trainer.validation import evaluate
 
     seed_everything(cfg.seed)
     trainer = build_trainer(cfg)
@@ -126,7 +126,7 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
 
 def sample_view(roll: object, scores: object) -> object:
     """The first group of this rank's engine, for the TensorBoard sample text/image."""
-    from sophiavl_mcore.trainer.step_data import SampleView
+    from sophiavl_mcore.trainer.grpo.step_data import SampleView
 
     return SampleView.of(roll, scores)
 

@@ -25,7 +25,7 @@ import torch
 
 from sophiavl_mcore.config import to_dict
 from sophiavl_mcore.data.records import MixedSampler
-from sophiavl_mcore.trainer.config import TRMTrainConfig
+from sophiavl_mcore.trainer.sft.config import TRMTrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,12 @@ def build_run(cfg: TRMTrainConfig) -> TRMRun:
     from sophiavl_mcore.models.qwen2_5_vl import VisionOptions, build_qwen2_5_vl
     from sophiavl_mcore.parallel import initialize_parallel
     from sophiavl_mcore.trainer.optim import build_optimizer, check_backend, wrap_ddp
-    from sophiavl_mcore.trainer.sft import SFTTrainer
-    from sophiavl_mcore.trainer.sft_data import (
+    from sophiavl_mcore.trainer.sft.data import (
         ExampleBuilder,
         image_config_for,
         load_thinking_records,
     )
+    from sophiavl_mcore.trainer.sft.trainer import SFTTrainer
 
     # Data, dimensions and settings are validated before any process group or model exists.
     check_backend(cfg.optim)
@@ -93,7 +93,7 @@ def record_order(cfg: TRMTrainConfig, num_records: int) -> MixedSampler[int]:
 
 def local_examples(run: TRMRun, record_ids: Sequence[int]) -> list[Any]:
     """This DP rank's examples of the global batch ``record_ids``."""
-    from sophiavl_mcore.trainer.sft import shard_for_dp
+    from sophiavl_mcore.trainer.sft.trainer import shard_for_dp
 
     mine = shard_for_dp([run.records[i] for i in record_ids], run.info.dp_rank, run.info.dp)
     return run.builder.trm_examples(mine, run.thinking)
@@ -154,7 +154,7 @@ def dry_run(cfg: TRMTrainConfig) -> int:
     from sophiavl_mcore.models.hf_config import read_lm_dims
     from sophiavl_mcore.parallel import validate_layout
     from sophiavl_mcore.trainer.optim import check_backend
-    from sophiavl_mcore.trainer.sft_data import load_thinking_records
+    from sophiavl_mcore.trainer.sft.data import load_thinking_records
 
     check_backend(cfg.optim)
     records = load_thinking_records(cfg.data.path, cfg.data.image_root or None)

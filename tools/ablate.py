@@ -181,7 +181,7 @@ def start_shared_trm(recipe: Path, overrides: Sequence[str], out: Path):
     a run at it (None, [] when the recipe serves no TRM)."""
     from sophiavl_mcore.config import load_config
     from sophiavl_mcore.rewards.trm_server import start_local_trm
-    from sophiavl_mcore.trainer.config import GRPOTrainConfig
+    from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
     cfg = load_config(recipe, overrides, cls=GRPOTrainConfig)
     trm = start_local_trm(cfg.rewards.trm, cfg.task, out, 0, cfg.rewards.thinking)

@@ -29,7 +29,7 @@ from sophiavl_mcore.planner import (  # noqa: E402
     model_config_path,
     plan_memory,
 )
-from sophiavl_mcore.trainer.config import GRPOTrainConfig  # noqa: E402
+from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,6 +94,14 @@ class ThinkingRewardClient(abc.ABC):
     def score(self, requests: Sequence[ThinkingRequest]) -> ThinkingScores:
         """Score every request; see :class:`ThinkingScores`."""
 
+    @property
+    def collective(self) -> bool:
+        """True when :meth:`score` is a collective over the rollout engine's ranks (the TRM
+        runs on that SPMD engine): every rank of the engine must call it with the same
+        requests. False (a server, a local model): one rank may ask for all of them and
+        share the scores."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections / threads."""
 
@@ -244,6 +252,11 @@ class InProcessThinkingClient(ThinkingRewardClient):
             logprobs=cfg.top_logprobs if cfg.score_mode == "expected" else 0,
             regex=SCORE_REGEX if cfg.constrained else None,
         )
+
+    @property
+    def collective(self) -> bool:
+        """It generates on a rollout engine, whose ``generate`` every engine rank drives."""
+        return True
 
     def score(self, requests: Sequence[ThinkingRequest]) -> ThinkingScores:
         from sophiavl_mcore.rollout.interface import RolloutRequest

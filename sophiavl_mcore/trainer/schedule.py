@@ -2,8 +2,8 @@
 
 :func:`run_schedule` calls :func:`megatron.core.pipeline_parallel.get_forward_backward_func`
 (no pipelining at PP=1, 1F1B at PP>1) over a list of micro-batches. The GRPO log-prob
-passes and update (:mod:`~sophiavl_mcore.trainer.grpo_step`) and the SFT step
-(:class:`~sophiavl_mcore.trainer.sft.SFTTrainer`) all go through it.
+passes and update (:mod:`~sophiavl_mcore.trainer.grpo.step`) and the SFT step
+(:class:`~sophiavl_mcore.trainer.sft.trainer.SFTTrainer`) all go through it.
 
 Micro-batches are right-padded to their own length, so at PP>1 the stages must exchange
 each micro-batch's shape before its activations: ``variable_seq_lengths`` is switched on

@@ -112,7 +112,7 @@ def grpo_case(tmp_path_factory) -> Path:
 
 
 def _rollout_batch(raw: dict, advantages):
-    from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
+    from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
 
     return RolloutBatch(
         prompt_ids=raw["prompt_ids"], response_ids=raw["response_ids"],
@@ -139,7 +139,7 @@ def _build(model_dir: Path, info):
 
 def _logprob_change(ddp, share, before: list[torch.Tensor]) -> list[float]:
     """Σ over each response's trained tokens of (log-prob now − log-prob before)."""
-    from sophiavl_mcore.trainer.grpo_step import compute_logprobs
+    from sophiavl_mcore.trainer.grpo.step import compute_logprobs
 
     after = compute_logprobs(ddp, share, MICRO_BATCH, TEMPERATURE).logprobs
     return [float(((a - b) * m).sum()) for a, b, m in
@@ -149,11 +149,11 @@ def _logprob_change(ddp, share, before: list[torch.Tensor]) -> list[float]:
 def _layout(rank: int, root: Path, name: str, tp: int, pp: int) -> dict:
     from sophiavl_mcore.checkpoint.hf import export_hf, load_hf_weights
     from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-    from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
-    from sophiavl_mcore.trainer.config import GRPOLossConfig
+    from sophiavl_mcore.trainer.grpo.step import compute_logprobs, grpo_train_step
+    from sophiavl_mcore.trainer.grpo.config import GRPOLossConfig
     from sophiavl_mcore.trainer.config import OptimConfig
     from sophiavl_mcore.trainer.optim import build_optimizer, wrap_ddp
-    from sophiavl_mcore.trainer.reference_model import ReferenceModel
+    from sophiavl_mcore.trainer.grpo.reference_model import ReferenceModel
 
     model_dir = root / "tiny_vl"
     raw = torch.load(root / "case.pt", weights_only=True)["batch"]
@@ -298,7 +298,7 @@ def test_grpo_logprobs_and_step_agree_across_layouts(grpo_case, dist_launch):
 
 
 def _small_batch(**overrides):
-    from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
+    from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
 
     gen = torch.Generator().manual_seed(1)
     plens, rlens = (4, 6, 3, 5), (2, 7, 4, 1)
@@ -341,7 +341,7 @@ def test_rollout_batch_micro_batch_layout():
 def test_rollout_batch_micro_batches_share_group_images():
     """A group's samples share their prompt's image tensor: a micro-batch carries each
     distinct image once plus ``image_index``, which restores the per-sample images."""
-    from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
+    from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
 
     img = [torch.randn(16, 8), torch.randn(4, 8)]
     grid = [torch.tensor([[1, 4, 4]]), torch.tensor([[1, 2, 2]])]
@@ -367,7 +367,7 @@ def test_rollout_batch_micro_batches_share_group_images():
 
 
 def test_rollout_batch_rejects_bad_input_with_names():
-    from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
+    from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
 
     good = _small_batch()
     with pytest.raises(ValueError, match=r"old_logprobs\[1\] has shape \(6,\), expected \[R_i\] = \(7,\)"):

@@ -44,9 +44,9 @@ def _fresh(root: Path, info, lr: float):
 
 def _worker(rank: int, root: str) -> dict:
     from sophiavl_mcore.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-    from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
-    from sophiavl_mcore.trainer.grpo_trainer import ppo_updates
-    from sophiavl_mcore.trainer.config import GRPOLossConfig
+    from sophiavl_mcore.trainer.grpo.step import compute_logprobs, grpo_train_step
+    from sophiavl_mcore.trainer.grpo.trainer import ppo_updates
+    from sophiavl_mcore.trainer.grpo.config import GRPOLossConfig
 
     root = Path(root)
     raw = torch.load(root / "case.pt", weights_only=True)["batch"]

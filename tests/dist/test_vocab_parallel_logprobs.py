@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sophiavl_mcore.trainer.loss import grpo_loss
+from sophiavl_mcore.trainer.grpo.loss import grpo_loss
 from sophiavl_mcore.trainer.oracle import full_vocab_logprobs_entropy
 
 pytestmark = [pytest.mark.dist]

@@ -196,7 +196,7 @@ def test_dry_run_prints_layout_without_building(tmp_path, capfd, monkeypatch) ->
 ])
 def test_config_errors_name_the_key(tmp_path, override, message) -> None:
     from sophiavl_mcore.config import ConfigError, load_config
-    from sophiavl_mcore.trainer.config import GRPOTrainConfig
+    from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
     if message is None:
         load_config(RECIPE, [override], cls=GRPOTrainConfig)
@@ -208,7 +208,7 @@ def test_config_errors_name_the_key(tmp_path, override, message) -> None:
 
 def test_world_that_does_not_split_fails_before_building() -> None:
     from sophiavl_mcore.config import load_config
-    from sophiavl_mcore.trainer.config import GRPOTrainConfig
+    from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
     from sophiavl_mcore.trainer.setup import check_world
 
     cfg = load_config(RECIPE, ["train.prompts_per_step=3", "rollout.sampling.n=3"], cls=GRPOTrainConfig)

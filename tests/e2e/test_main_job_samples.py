@@ -12,7 +12,7 @@ def test_sample_text_and_images_in_tensorboard(main_job) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from sophiavl_mcore.config import load_config
-    from sophiavl_mcore.trainer.config import GRPOTrainConfig
+    from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
     from tests.e2e.conftest import RECIPE
 
     cfg = load_config(RECIPE, cls=GRPOTrainConfig)

@@ -21,7 +21,7 @@ def tokenizer(sft_case):
 
 @pytest.fixture(scope="module")
 def builder(sft_case, tokenizer):
-    from sophiavl_mcore.trainer.sft_data import ExampleBuilder, image_config_for
+    from sophiavl_mcore.trainer.sft.data import ExampleBuilder, image_config_for
 
     return ExampleBuilder(tokenizer, image_config_for(sft_case["model"]), max_seq_len=2048)
 
@@ -49,7 +49,7 @@ GOOD = {"problem_id": 7, "problem": "What is shown?", "path": "a.png",
 )
 def test_bad_record_names_file_record_and_field(tmp_path, change, expected):
     from sophiavl_mcore.data.records import RecordError
-    from sophiavl_mcore.trainer.sft_data import load_thinking_records
+    from sophiavl_mcore.trainer.sft.data import load_thinking_records
 
     bad = {k: v for k, v in {**GOOD, "problem_id": 9, **change}.items() if v is not None}
     path = _write(tmp_path / "t.jsonl", [GOOD, {**GOOD, "problem_id": 8}, bad])
@@ -62,7 +62,7 @@ def test_bad_record_names_file_record_and_field(tmp_path, change, expected):
 
 def test_duplicate_ids_and_aliases(tmp_path):
     from sophiavl_mcore.data.records import RecordError
-    from sophiavl_mcore.trainer.sft_data import load_thinking_records
+    from sophiavl_mcore.trainer.sft.data import load_thinking_records
 
     with pytest.raises(RecordError, match="problem_id '7' appears twice"):
         load_thinking_records(_write(tmp_path / "d.jsonl", [GOOD, GOOD]))
@@ -73,7 +73,7 @@ def test_duplicate_ids_and_aliases(tmp_path):
 
 
 def test_bad_images_are_skipped_and_counted(tmp_path, sft_case, tokenizer):
-    from sophiavl_mcore.trainer.sft_data import (
+    from sophiavl_mcore.trainer.sft.data import (
         ExampleBuilder,
         image_config_for,
         load_thinking_records,
@@ -106,7 +106,7 @@ def test_trm_example_matches_client_prompt_and_parses(sft_case, tokenizer, build
         build_messages,
         parse_score,
     )
-    from sophiavl_mcore.trainer.sft_data import load_thinking_records
+    from sophiavl_mcore.trainer.sft.data import load_thinking_records
 
     rec = load_thinking_records(sft_case["data"])[1]  # score 0.4
     (ex,) = builder.trm_examples([rec])
@@ -131,7 +131,7 @@ def test_trm_example_matches_client_prompt_and_parses(sft_case, tokenizer, build
 
 def test_long_reasoning_is_truncated_like_the_client(tmp_path, builder):
     from sophiavl_mcore.rewards.config import ThinkingRewardConfig
-    from sophiavl_mcore.trainer.sft_data import load_thinking_records
+    from sophiavl_mcore.trainer.sft.data import load_thinking_records
 
     tail = "THE-END-OF-THE-REASONING"
     rec = {**GOOD, "path": None, "reasoning": "x" * 5000 + tail}
@@ -142,7 +142,7 @@ def test_long_reasoning_is_truncated_like_the_client(tmp_path, builder):
 
 
 def test_too_long_examples_are_dropped_and_counted(sft_case, tokenizer):
-    from sophiavl_mcore.trainer.sft_data import (
+    from sophiavl_mcore.trainer.sft.data import (
         ExampleBuilder,
         image_config_for,
         load_thinking_records,
@@ -158,7 +158,7 @@ def test_score_text_is_on_the_client_grid():
     import re
 
     from sophiavl_mcore.rewards.thinking import SCORE_CHOICES, SCORE_REGEX
-    from sophiavl_mcore.trainer.sft_data import score_text
+    from sophiavl_mcore.trainer.sft.data import score_text
 
     cases = {0.0: "0.0", 0.04: "0.0", 0.05: "0.1", 0.65: "0.7", 0.94: "0.9", 1.0: "1.0"}
     for score, want in cases.items():
@@ -184,7 +184,7 @@ def test_policy_warm_start_target_passes_the_format_gate(tmp_path, tokenizer, bu
 
 
 def test_collate_shifts_labels_and_mask():
-    from sophiavl_mcore.trainer.sft import SFTExample, collate
+    from sophiavl_mcore.trainer.collate import SFTExample, collate
 
     a = SFTExample(torch.tensor([10, 11, 12, 13]), torch.tensor([False, False, True, True]))
     b = SFTExample(torch.tensor([20, 21, 22]), torch.tensor([False, True, True]))
@@ -200,7 +200,7 @@ def test_collate_shifts_labels_and_mask():
 
 def test_image_config_follows_the_served_processor(sft_case):
     from sophiavl_mcore.data.config import ImageConfig
-    from sophiavl_mcore.trainer.sft_data import image_config_for
+    from sophiavl_mcore.trainer.sft.data import image_config_for
 
     # build_tiny_qwen2_5_vl's processor: min 28*28*4, max 28*28*16 pixels
     cfg = image_config_for(sft_case["model"], ImageConfig(num_threads=1))
@@ -209,7 +209,8 @@ def test_image_config_follows_the_served_processor(sft_case):
 
 def test_configs_fail_early_with_numbers(tmp_path):
     from sophiavl_mcore.config import ConfigError, load_config
-    from sophiavl_mcore.trainer.config import OptimConfig, SFTConfig, TRMTrainConfig
+    from sophiavl_mcore.trainer.config import OptimConfig
+    from sophiavl_mcore.trainer.sft.config import SFTConfig, TRMTrainConfig
 
     with pytest.raises(ValueError, match=r"need 0 <= min_lr=0.5 <= lr=0.1"):
         OptimConfig(lr=0.1, min_lr=0.5)

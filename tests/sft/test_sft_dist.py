@@ -28,7 +28,7 @@ TOL = 1e-4
 
 def _cfg(model: str, data: str, out: Path, tp: int, pp: int, steps: int, *extra: str):
     from sophiavl_mcore.config import load_config
-    from sophiavl_mcore.trainer.config import TRMTrainConfig
+    from sophiavl_mcore.trainer.sft.config import TRMTrainConfig
 
     return load_config(RECIPE, [
         f"model.hf_dir={model}", f"data.path={data}", f"output_dir={out}",
@@ -72,8 +72,8 @@ def _hf_loss(hf_dir: Path, model_dir: str, data: str, ids: list[int]) -> float:
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from sophiavl_mcore.trainer.sft import collate
-    from sophiavl_mcore.trainer.sft_data import (
+    from sophiavl_mcore.trainer.collate import collate
+    from sophiavl_mcore.trainer.sft.data import (
         ExampleBuilder,
         image_config_for,
         load_thinking_records,

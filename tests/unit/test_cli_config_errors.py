@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from sophiavl_mcore.config import ConfigError, load_config
-from sophiavl_mcore.trainer.config import GRPOTrainConfig, ModelConfig, TRMTrainConfig
+from sophiavl_mcore.trainer.config import ModelConfig
+from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
+from sophiavl_mcore.trainer.sft.config import TRMTrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "configs" / "tiny_cpu.yaml"

@@ -14,7 +14,7 @@ RECIPES = sorted((REPO / "examples" / "configs").rglob("*.yaml"))
 
 def load(recipe=None, overrides=()):
     """The training config with the least it needs (a tiny model, the synthetic task)."""
-    from sophiavl_mcore.trainer.config import GRPOTrainConfig
+    from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
     return load_config(recipe, ["model.tiny=true", "task.enabled=true", *overrides],
                        cls=GRPOTrainConfig)
@@ -74,11 +74,11 @@ def test_round_trip_through_dict() -> None:
 def test_every_shipped_recipe_loads(recipe: Path) -> None:
     if recipe.name.startswith("trm_"):
         # TRM fine-tuning is its own job with its own config; paths come from the CLI.
-        from sophiavl_mcore.trainer.config import TRMTrainConfig
+        from sophiavl_mcore.trainer.sft.config import TRMTrainConfig
 
         load_config(recipe, ["model.hf_dir=hf", "data.path=d.jsonl", "output_dir=out"], cls=TRMTrainConfig)
     else:
-        from sophiavl_mcore.trainer.config import GRPOTrainConfig
+        from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
         load_config(recipe, cls=GRPOTrainConfig)
 
@@ -89,7 +89,7 @@ def test_ablation_is_the_main_job_with_its_switches(recipe: Path) -> None:
     """Paper Table 3 from one recipe: each ablation differs from tiny_cpu.yaml only in
     its output directory and the Trust-GRPO switches its name says (no_trust_no_annealing
     flips two, the others one)."""
-    from sophiavl_mcore.trainer.config import GRPOTrainConfig
+    from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
     base = to_dict(load_config(REPO / "examples" / "configs" / "tiny_cpu.yaml", cls=GRPOTrainConfig))
     ablation = to_dict(load_config(recipe, cls=GRPOTrainConfig))
@@ -120,7 +120,7 @@ def test_sections_compose_and_lists_of_sections_are_checked() -> None:
 
 
 def test_logprob_micro_batch_size_is_checked() -> None:
-    from sophiavl_mcore.trainer.config import GRPORunConfig
+    from sophiavl_mcore.trainer.grpo.config import GRPORunConfig
 
     assert GRPORunConfig(logprob_micro_batch_size=64).logprob_micro_batch_size == 64
     with pytest.raises(ValueError, match="logprob_micro_batch_size=-1 must be >= 0"):

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from sophiavl_mcore.trainer.config import GRPOLossConfig
+from sophiavl_mcore.trainer.grpo.config import GRPOLossConfig
+from sophiavl_mcore.trainer.grpo.loss import grpo_loss, loss_normalizers
+from sophiavl_mcore.trainer.grpo.oracle import grpo_loss_oracle
 from sophiavl_mcore.trainer.logprobs import (
     vocab_parallel_entropy,
     vocab_parallel_logprobs,
     vocab_parallel_logprobs_and_entropy,
 )
-from sophiavl_mcore.trainer.loss import grpo_loss, loss_normalizers
-from sophiavl_mcore.trainer.oracle import full_vocab_logprobs_entropy, grpo_loss_oracle
+from sophiavl_mcore.trainer.oracle import full_vocab_logprobs_entropy
 
 # ------------------------------------------------------------------ log-probs, TP = 1
 

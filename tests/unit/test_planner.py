@@ -12,7 +12,7 @@ import pytest
 
 from sophiavl_mcore.config import from_dict, load_config
 from sophiavl_mcore.planner import GIB, Cluster, PlanError, check_fits, count_params, plan_memory
-from sophiavl_mcore.trainer.config import GRPOTrainConfig
+from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "tools" / "configs"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sophiavl_mcore.config import load_config
-from sophiavl_mcore.trainer.config import GRPOTrainConfig
+from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 from sophiavl_mcore.trainer.setup import check_world
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,30 +7,46 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sophiavl_mcore.trainer.metrics import answer_metrics
+from sophiavl_mcore.trainer.grpo.step_data import answer_code, rollout_metrics
 
 
 def _reply(answer: str) -> str:
     return f"<think>count</think><answer>{answer}</answer>"
 
 
+def _rollout_metrics(groups: list[list[str]]) -> dict[str, float]:
+    """The real ``rollout/answer_*`` metrics of replies (the step's gathered columns)."""
+    from types import SimpleNamespace
+
+    n = len(groups[0])
+    flat = [t for g in groups for t in g]
+    columns = {"length": np.full(len(flat), 3.0), "truncated": np.zeros(len(flat)),
+               "answer": np.array([answer_code(t) for t in flat])}
+    scalars = SimpleNamespace(columns=columns, records=[None] * len(groups), n=n,
+                              engine_responses=np.array([len(flat)]))
+    layout = SimpleNamespace(num_engines=1)
+    return {k: v for k, v in rollout_metrics(scalars, layout).items() if "answer" in k}
+
+
 def test_collapsed_policy_shows_one_answer_per_group() -> None:
     groups = [[_reply("1")] * 4, [_reply("1")] * 3 + ["no format at all"]]
-    m = answer_metrics(groups)
-    assert m["rollout/answer_top_frac"] == 1.0
-    assert m["rollout/answer_distinct"] == 1.0
+    assert _rollout_metrics(groups) == {"rollout/answer_top_frac": 1.0,
+                                        "rollout/answer_distinct": 1.0}
 
 
 def test_malformed_replies_are_left_out_and_empty_steps_give_nothing() -> None:
-    m = answer_metrics([[_reply("1"), _reply("2"), "<answer>3</answer>"]])
-    assert m == {"rollout/answer_top_frac": 0.5, "rollout/answer_distinct": 2.0}
-    assert answer_metrics([["garbage"], []]) == {}
+    # well-formed: 1, 2 (group 0) and 2, 2 (group 1) -> "2" is 3 of 4, distinct 2 and 1
+    groups = [[_reply("1"), _reply("2"), "<answer>3</answer>"],
+              [_reply("2"), _reply("2"), "garbage"]]
+    assert _rollout_metrics(groups) == {"rollout/answer_top_frac": 0.75,
+                                        "rollout/answer_distinct": 1.5}
+    assert _rollout_metrics([["garbage", "also garbage"]]) == {}
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.lists(st.sampled_from("1234"), min_size=1, max_size=8), min_size=1, max_size=6))
+@given(st.lists(st.lists(st.sampled_from("1234"), min_size=3, max_size=3), min_size=1, max_size=6))
 def test_matches_a_direct_count(groups: list[list[str]]) -> None:
-    m = answer_metrics([[_reply(a) for a in g] for g in groups])
+    m = _rollout_metrics([[_reply(a) for a in g] for g in groups])
     flat = [a for g in groups for a in g]
     top = max(flat.count(a) for a in set(flat)) / len(flat)
     assert np.isclose(m["rollout/answer_top_frac"], top)
@@ -41,7 +57,7 @@ def test_thinking_metrics_overall_and_per_source_by_hand() -> None:
     import math
     from types import SimpleNamespace
 
-    from sophiavl_mcore.trainer.metrics import thinking_metrics
+    from sophiavl_mcore.trainer.grpo.metrics import thinking_metrics
 
     # 3 groups of 2: c, h, c. Group 1 (hacked): the wrong reply thought better, gamma < 1.
     outcome = np.array([1, 0, 1, 0, 1, 1], dtype=float)

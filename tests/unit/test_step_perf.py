@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sophiavl_mcore.trainer.metrics import step_perf
+from sophiavl_mcore.trainer.grpo.metrics import step_perf
 
 
 def test_whole_step_throughput_by_hand() -> None:

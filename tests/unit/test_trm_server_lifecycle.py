@@ -77,7 +77,7 @@ def test_a_multi_node_job_cannot_serve_its_trm_on_localhost(monkeypatch) -> None
     from pathlib import Path
 
     from sophiavl_mcore.config import load_config
-    from sophiavl_mcore.trainer.config import GRPOTrainConfig
+    from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
     recipe = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_cpu.yaml"
     cfg = load_config(recipe, cls=GRPOTrainConfig)

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from sophiavl_mcore.parallel.collectives import run_on_rank
 from sophiavl_mcore.parallel.host import init_host_group
 from sophiavl_mcore.rollout.layout import EngineLayout, check_engine_layout
-from sophiavl_mcore.trainer.config import GRPOTrainConfig
-from sophiavl_mcore.trainer.grpo_trainer import GRPOTrainer
+from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
+from sophiavl_mcore.trainer.grpo.trainer import GRPOTrainer
 from sophiavl_mcore.trainer.setup import (
     check_world,
     model_config,
@@ -95,9 +95,9 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
     from sophiavl_mcore.rewards.trm_server import serve_trm
     from sophiavl_mcore.rollout.interface import vision_token_ids
     from sophiavl_mcore.rollout.spmd import build_spmd_engine
+    from sophiavl_mcore.trainer.grpo.reference_model import ReferenceModel
     from sophiavl_mcore.trainer.optim import build_optimizer, check_backend, wrap_ddp
-    from sophiavl_mcore.trainer.reference_model import ReferenceModel
-    from sophiavl_mcore.trainer.sft_data import image_config_for
+    from sophiavl_mcore.trainer.sft.data import image_config_for
     from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
 
     world = int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp))
@@ -147,10 +147,12 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
         run_on_rank(trm_server.wait_healthy)
     trm = (thinking_client(cfg.rewards.thinking, engine)
            if cfg.rewards.trust_grpo.use_thinking else None)
-    return GRPOTrainer(cfg, info, layout, model, ddp, optimizer, scheduler, reference, engine, sync,
-                       trm, sampler, tokenizer, ImageLoader(image_cfg), ckpt, meta, pad_id,
-                       torch.tensor(vision_token_ids(tokenizer)), engine_group, start,
-                       trm_server)
+    return GRPOTrainer(cfg=cfg, info=info, layout=layout, model=model, ddp=ddp,
+                       optimizer=optimizer, scheduler=scheduler, reference=reference,
+                       engine=engine, sync_=sync, trm=trm, sampler=sampler, tokenizer=tokenizer,
+                       image_loader=ImageLoader(image_cfg), ckpt=ckpt, meta=meta, pad_id=pad_id,
+                       vision_ids=torch.tensor(vision_token_ids(tokenizer)),
+                       engine_group=engine_group, start_step=start, trm_server=trm_server)
 
 
 def thinking_client(cfg: ThinkingRewardConfig, engine: RolloutEngine) -> ThinkingRewardClient:
@@ -171,10 +173,11 @@ def warm_start(cfg: GRPOTrainConfig, info: ParallelInfo, ddp: DistributedDataPar
     """SFT on formatted examples (answers uniform at random when configured). Uses a
     throw-away copy of the sampler so GRPO sees the data from its beginning."""
     from sophiavl_mcore.data.visual_task import uniform_answer_records, warm_start_reasoning_for
-    from sophiavl_mcore.trainer.config import OptimConfig, SFTConfig
+    from sophiavl_mcore.trainer.config import OptimConfig
     from sophiavl_mcore.trainer.optim import build_optimizer
-    from sophiavl_mcore.trainer.sft import SFTTrainer, shard_for_dp
-    from sophiavl_mcore.trainer.sft_data import ExampleBuilder
+    from sophiavl_mcore.trainer.sft.config import SFTConfig
+    from sophiavl_mcore.trainer.sft.data import ExampleBuilder
+    from sophiavl_mcore.trainer.sft.trainer import SFTTrainer, shard_for_dp
 
     ws = cfg.warm_start
     sft = SFTConfig(global_batch_size=ws.global_batch_size, micro_batch_size=ws.micro_batch_size,

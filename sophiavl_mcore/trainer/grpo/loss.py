@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from sophiavl_mcore.trainer.config import check_loss_settings
+from sophiavl_mcore.trainer.grpo.config import check_loss_settings
 
 __all__ = [
     "LOG_RATIO_CLAMP",

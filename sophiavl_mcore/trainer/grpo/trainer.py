@@ -28,14 +28,12 @@ from sophiavl_mcore.rewards.stage import GroupScores, score_groups
 from sophiavl_mcore.rollout.exchange import plan_transfers, redistribute
 from sophiavl_mcore.rollout.interface import RolloutRequest, RolloutResult
 from sophiavl_mcore.rollout.layout import EngineLayout
-from sophiavl_mcore.trainer.config import GRPOTrainConfig
-from sophiavl_mcore.trainer.setup import model_dir
-from sophiavl_mcore.trainer.step_data import (
+from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
+from sophiavl_mcore.trainer.grpo.step_data import (
     EngineRollout,
-    StepScalars,
-    gather_scalars,
     local_batch,
 )
+from sophiavl_mcore.trainer.setup import model_dir
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
@@ -51,19 +49,19 @@ if TYPE_CHECKING:
     from sophiavl_mcore.parallel import ParallelInfo
     from sophiavl_mcore.rewards.thinking import ThinkingRewardClient
     from sophiavl_mcore.rewards.trm_server import LocalTRM
-    from sophiavl_mcore.rollout.vllm_engine import VllmRolloutEngine
-    from sophiavl_mcore.trainer.config import GRPOLossConfig
-    from sophiavl_mcore.trainer.metrics import PhaseTimer
-    from sophiavl_mcore.trainer.reference_model import ReferenceModel
-    from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
+    from sophiavl_mcore.rollout.interface import RolloutEngine
+    from sophiavl_mcore.trainer.grpo.config import GRPOLossConfig
+    from sophiavl_mcore.trainer.grpo.metrics import PhaseTimer
+    from sophiavl_mcore.trainer.grpo.reference_model import ReferenceModel
+    from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
     from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class GRPOTrainer:
-    """A built run on this rank (see :func:`~sophiavl_mcore.trainer.build.build_trainer`)."""
+    """A built run on this rank (see :func:`~sophiavl_mcore.trainer.grpo.build.build_trainer`)."""
 
     cfg: GRPOTrainConfig
     info: ParallelInfo
@@ -73,7 +71,7 @@ class GRPOTrainer:
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     reference: ReferenceModel | None
-    engine: VllmRolloutEngine
+    engine: RolloutEngine
     sync_: SpmdWeightSync
     trm: ThinkingRewardClient | None
     sampler: MixedSampler
@@ -128,10 +126,10 @@ class GRPOTrainer:
     def score(self, roll: EngineRollout, step: int) -> GroupScores:
         """R^o, R^t, Trust-GRPO and advantages of this engine's groups. With RTP > 1 only
         the engine's leader asks the TRM and broadcasts R^t to the engine's other ranks —
-        unless the TRM runs on this very engine, which every engine rank must drive."""
-        on_engine = getattr(self.trm, "engine", None) is self.engine
+        unless the client's scoring is collective over the engine's ranks
+        (:attr:`~sophiavl_mcore.rewards.thinking.ThinkingRewardClient.collective`)."""
         leader = self.layout.leader(self.engine_index)
-        shared = self.layout.rtp > 1 and self.trm is not None and not on_engine
+        shared = self.layout.rtp > 1 and self.trm is not None and not self.trm.collective
 
         def agree(thinking: np.ndarray) -> np.ndarray:
             t = torch.from_numpy(np.ascontiguousarray(thinking, dtype=np.float64))
@@ -239,8 +237,8 @@ def ppo_updates(ddp: DistributedDataParallel, optimizer: MegatronOptimizer,
     forward's own log-probs, detached (exactly 1, as a separate pass would give on the
     same weights). Several: old log-probs once, before the first update, so later
     mini-batches see a moved policy and the clip acts."""
-    from sophiavl_mcore.trainer.grpo_step import compute_logprobs, grpo_train_step
-    from sophiavl_mcore.trainer.metrics import PhaseTimer
+    from sophiavl_mcore.trainer.grpo.metrics import PhaseTimer
+    from sophiavl_mcore.trainer.grpo.step import compute_logprobs, grpo_train_step
 
     timer = timer or PhaseTimer()
     if updates < 1 or len(batch) % updates:
@@ -275,11 +273,6 @@ def merge_update_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
     out["train/input_tokens"] = float(sum(s["train/input_tokens"] for s in steps))
     out["train/updates"] = float(len(steps))
     return out
-
-
-def step_scalars(trainer: GRPOTrainer, records: list[Record], roll: EngineRollout,
-                 scores: GroupScores) -> StepScalars:
-    return gather_scalars(trainer.layout, records, roll, scores)
 
 
 def seed_everything(seed: int) -> None:

@@ -2,7 +2,7 @@
 
 Both entry points run Megatron's schedule through
 :func:`~sophiavl_mcore.trainer.schedule.run_schedule` over the length-sorted,
-right-padded micro-batches of a :class:`~sophiavl_mcore.trainer.rollout_batch.RolloutBatch`
+right-padded micro-batches of a :class:`~sophiavl_mcore.trainer.grpo.rollout_batch.RolloutBatch`
 (one data-parallel rank's share).
 
 On the last pipeline stage the model returns vocab-parallel logits ``[B, S, V_pad/TP]``;
@@ -17,7 +17,7 @@ share's response tokens (e.g. 512 responses × 1k tokens = 2 MB), negligible nex
 micro-batch's activations, and it spares the loop any "which stage am I" logic.
 :func:`grpo_train_step` returns metrics that are identical on every rank.
 
-**Loss scaling.** :func:`~sophiavl_mcore.trainer.loss.grpo_loss` normalises each
+**Loss scaling.** :func:`~sophiavl_mcore.trainer.grpo.loss.grpo_loss` normalises each
 micro-batch by the *global* token (or sequence) count of the step, all-reduced over DP
 first. Megatron divides a 2-tuple loss by the number of micro-batches and DDP averages
 gradients over DP, so the loss handed to the schedule is ``loss · n_micro · dp / cp``;
@@ -40,15 +40,15 @@ import torch.distributed as dist
 
 from sophiavl_mcore.models.unwrap import unwrap_model
 from sophiavl_mcore.parallel.collectives import dp_all_reduce, from_last_stage
-from sophiavl_mcore.trainer.config import GRPOLossConfig
-from sophiavl_mcore.trainer.logprobs import DEFAULT_CHUNK_SIZE, vocab_parallel_logprobs_and_entropy
-from sophiavl_mcore.trainer.loss import grpo_loss
-from sophiavl_mcore.trainer.optim import optimizer_step
-from sophiavl_mcore.trainer.rollout_batch import (
+from sophiavl_mcore.trainer.grpo.config import GRPOLossConfig
+from sophiavl_mcore.trainer.grpo.loss import grpo_loss
+from sophiavl_mcore.trainer.grpo.rollout_batch import (
     MicroBatch,
     RolloutBatch,
     extract_per_token,
 )
+from sophiavl_mcore.trainer.logprobs import DEFAULT_CHUNK_SIZE, vocab_parallel_logprobs_and_entropy
+from sophiavl_mcore.trainer.optim import optimizer_step
 from sophiavl_mcore.trainer.schedule import ForwardStep, LossFunc, run_schedule
 
 if TYPE_CHECKING:

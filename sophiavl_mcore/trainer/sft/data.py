@@ -1,4 +1,4 @@
-"""Records → tokenised SFT examples (:class:`~sophiavl_mcore.trainer.sft.SFTExample`).
+"""Records → tokenised SFT examples (:class:`~sophiavl_mcore.trainer.collate.SFTExample`).
 
 Two kinds of examples share one builder:
 
@@ -47,7 +47,7 @@ from sophiavl_mcore.data.prompts import IMAGE_PAD, build_prompt, expand_image_to
 from sophiavl_mcore.data.records import Record, RecordError, read_raw_records
 from sophiavl_mcore.rewards.config import ThinkingRewardConfig
 from sophiavl_mcore.rewards.thinking import ThinkingRequest, build_messages
-from sophiavl_mcore.trainer.sft import SFTExample
+from sophiavl_mcore.trainer.collate import SFTExample
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

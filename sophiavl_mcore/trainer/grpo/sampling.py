@@ -24,11 +24,11 @@ import torch.distributed as dist
 from sophiavl_mcore.data.records import Record
 from sophiavl_mcore.parallel.collectives import host_all_gather, host_all_reduce
 from sophiavl_mcore.rewards.stage import GroupScores
-from sophiavl_mcore.trainer.step_data import EngineRollout, is_counter
+from sophiavl_mcore.trainer.grpo.step_data import EngineRollout, is_counter
 
 if TYPE_CHECKING:
-    from sophiavl_mcore.trainer.grpo_trainer import GRPOTrainer
-    from sophiavl_mcore.trainer.metrics import PhaseTimer
+    from sophiavl_mcore.trainer.grpo.metrics import PhaseTimer
+    from sophiavl_mcore.trainer.grpo.trainer import GRPOTrainer
 
 
 def has_signal(roll: EngineRollout, scores: GroupScores, tol: float = 1e-9) -> np.ndarray:
@@ -93,7 +93,7 @@ def _cat(parts: list[GroupScores]) -> GroupScores:
 def collect_groups(trainer: GRPOTrainer, step: int, timer: PhaseTimer
                    ) -> tuple[list[Record], EngineRollout, GroupScores, dict[str, float]]:
     """The step's records (all engines'), this engine's rollout and scores, metrics;
-    ``timer``: a :class:`~sophiavl_mcore.trainer.metrics.PhaseTimer` (``rollout`` for
+    ``timer``: a :class:`~sophiavl_mcore.trainer.grpo.metrics.PhaseTimer` (``rollout`` for
     generation, ``reward`` for scoring)."""
     cfg, layout = trainer.cfg, trainer.layout
     prompts, quota = cfg.train.prompts_per_step, layout.prompts_per_engine

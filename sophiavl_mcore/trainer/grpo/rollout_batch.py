@@ -23,7 +23,7 @@ step, or the whole step before :meth:`RolloutBatch.shard`), each with its own pr
 **Micro-batch layout (right padding, no packing).** :meth:`RolloutBatch.micro_batches`
 sorts the responses by total length and cuts them into micro-batches of
 ``micro_batch_size``; each micro-batch is right-padded to its own longest sequence
-(rounded up to ``pad_to_multiple_of``) by :func:`sophiavl_mcore.trainer.sft.collate`, the
+(rounded up to ``pad_to_multiple_of``) by :func:`sophiavl_mcore.trainer.collate.collate`, the
 SFT trainer's collation (same ``labels`` = inputs shifted left). Sorting keeps the
 padding small without packing. Packing (THD layout with ``cu_seqlens``) would remove the
 rest, but Megatron's local (CPU) attention has no packed-sequence path and the vision
@@ -47,7 +47,7 @@ import torch
 from sophiavl_mcore.models.unwrap import unwrap_model
 
 if TYPE_CHECKING:
-    from sophiavl_mcore.trainer.sft import SFTMicroBatch
+    from sophiavl_mcore.trainer.collate import SFTMicroBatch
 
 __all__ = ["MicroBatch", "RolloutBatch", "extract_per_token", "place_per_token"]
 
@@ -243,7 +243,7 @@ class RolloutBatch:
 
         Needs ``position_ids`` (:meth:`ensure_position_ids`).
         """
-        from sophiavl_mcore.trainer.sft import SFTExample, collate
+        from sophiavl_mcore.trainer.collate import SFTExample, collate
 
         if micro_batch_size < 1 or pad_to_multiple_of < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size} and pad_to_multiple_of="

@@ -12,7 +12,7 @@ import numpy as np
 if TYPE_CHECKING:
     from sophiavl_mcore.logging import MetricsWriter
     from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult
-    from sophiavl_mcore.trainer.step_data import SampleView, StepScalars
+    from sophiavl_mcore.trainer.grpo.step_data import SampleView, StepScalars
 
 CONSOLE_KEYS = ("reward/outcome_mean", "reward/thinking_mean", "reward/total_mean",
                 "reward/gamma_mean", "train/kl", "train/entropy", "train/clip_fraction",
@@ -72,7 +72,7 @@ def reward_metrics(roll: StepScalars, trust: TrustGRPOResult, advantages: np.nda
     """Rewards per problem type, outcome vs thinking, γ, annealing, advantages, and the
     thinking / trust metrics of :func:`thinking_metrics` per data source.
 
-    ``roll``: the step's :class:`~sophiavl_mcore.trainer.step_data.StepScalars`; ``trust``: the
+    ``roll``: the step's :class:`~sophiavl_mcore.trainer.grpo.step_data.StepScalars`; ``trust``: the
     :class:`~sophiavl_mcore.rewards.trust_grpo.TrustGRPOResult` of the step;
     ``true_quality``: f64[N] oracle thinking quality when the task has one (NaN = none).
     """
@@ -168,21 +168,6 @@ def thinking_metrics(outcome: np.ndarray, thinking: np.ndarray, trust: TrustGRPO
         out.update(_thinking_block(f"reward/source/{label}", outcome[r], thinking[r], gamma[g],
                                    gap[g], None if tq is None else tq[r]))
     return out
-
-
-def answer_metrics(groups: list[list[str]]) -> dict[str, float]:
-    """How varied the well-formed answers are: ``rollout/answer_top_frac`` is the share
-    of the most common answer over the step, ``rollout/answer_distinct`` the mean number
-    of distinct answers per group (1 everywhere = no group can produce an advantage)."""
-    from sophiavl_mcore.rewards.outcome import parse_response
-
-    answers = [[p.answer for p in map(parse_response, g) if p.well_formed] for g in groups]
-    flat = [a for g in answers for a in g]
-    if not flat:
-        return {}
-    _, counts = np.unique(flat, return_counts=True)
-    return {"rollout/answer_top_frac": float(counts.max() / len(flat)),
-            "rollout/answer_distinct": float(np.mean([len(set(g)) for g in answers if g]))}
 
 
 def sample_text(roll: SampleView, k: int = 4) -> str:

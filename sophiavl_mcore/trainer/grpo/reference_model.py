@@ -26,8 +26,8 @@ from contextlib import contextmanager
 import torch
 
 from sophiavl_mcore.models.unwrap import unwrap_model
-from sophiavl_mcore.trainer.grpo_step import TokenLogProbs, compute_logprobs
-from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
+from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
+from sophiavl_mcore.trainer.grpo.step import TokenLogProbs, compute_logprobs
 
 logger = logging.getLogger(__name__)
 

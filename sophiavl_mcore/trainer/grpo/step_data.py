@@ -22,7 +22,7 @@ from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult
 from sophiavl_mcore.rollout.exchange import TrainRow
 from sophiavl_mcore.rollout.interface import RolloutResult
 from sophiavl_mcore.rollout.layout import EngineLayout
-from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
+from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -258,7 +258,7 @@ def _group_image(images: ImageBatch, i: int | None) -> tuple[torch.Tensor | None
 @dataclasses.dataclass
 class SampleView:
     """The first group of this rank's engine in the shape
-    :func:`~sophiavl_mcore.trainer.metrics.log_step` shows (text + image)."""
+    :func:`~sophiavl_mcore.trainer.grpo.metrics.log_step` shows (text + image)."""
 
     records: list[Record]
     responses: list[list[dict[str, str]]]

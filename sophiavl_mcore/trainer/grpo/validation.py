@@ -20,7 +20,7 @@ from sophiavl_mcore.data.records import Record
 from sophiavl_mcore.parallel.collectives import host_all_gather
 
 if TYPE_CHECKING:
-    from sophiavl_mcore.trainer.grpo_trainer import GRPOTrainer
+    from sophiavl_mcore.trainer.grpo.trainer import GRPOTrainer
 
 logger = logging.getLogger(__name__)
 

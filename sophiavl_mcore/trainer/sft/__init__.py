@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: the SFT trainer (TRM training, policy warm start) and the TRM data."""
