@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from sophiavl_mcore.trainer.metrics import PhaseTimer
     from sophiavl_mcore.trainer.reference_model import ReferenceModel
     from sophiavl_mcore.trainer.rollout_batch import RolloutBatch
-    from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
+    from sophiavl_mcore.weight_sync.megatron_sync import MegatronWeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class GRPOTrainer:
     scheduler: OptimizerParamScheduler
     reference: ReferenceModel | None
     engine: VllmRolloutEngine
-    sync_: SpmdWeightSync
+    sync_: MegatronWeightSync
     trm: ThinkingRewardClient | None
     sampler: MixedSampler
     tokenizer: PreTrainedTokenizerBase
