@@ -5,7 +5,7 @@
 Every rank holds one rank of a vLLM engine (``external_launcher``; ranks 0-1 form
 engine 0, ranks 2-3 engine 1) and one Megatron TP shard of a random-weight Qwen2 LM
 (text only; ``bench_weight_sync``'s checkpoint writer: ``--layers`` × ``--hidden``,
-default ~0.25 GB float32). ``SpmdWeightSync.sync()`` broadcasts inside each
+default ~0.25 GB float32). ``MegatronWeightSync.sync()`` (every rank holds an engine) broadcasts inside each
 data-parallel replica the pieces a rank lacks (its bytes received) and every rank
 writes the full HF tensors into its engine shard (its bytes loaded; vLLM's loaders
 keep their slice).
@@ -66,7 +66,7 @@ def _setup(args: argparse.Namespace):
     from sophiavl_mcore.rollout.layout import check_engine_layout
     from sophiavl_mcore.rollout.spmd import build_spmd_engine
     from sophiavl_mcore.weight_sync import WeightSyncConfig
-    from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
+    from sophiavl_mcore.weight_sync.megatron_sync import MegatronWeightSync
 
     heads = args.hidden // 64
     world = int(os.environ["WORLD_SIZE"])
@@ -85,7 +85,7 @@ def _setup(args: argparse.Namespace):
         sampling=SamplingConfig(n=1, max_tokens=8, temperature=0.0)), layout)
     torch.manual_seed(0)  # same random policy on both data-parallel replicas
     model = build_qwen2_lm(model_dir, info, init_method_std=0.02)
-    sync = SpmdWeightSync(model, model_dir, engine, WeightSyncConfig(
+    sync = MegatronWeightSync(model, model_dir, engine, WeightSyncConfig(
         bucket_bytes=args.bucket_mb * 2**20, engine_update=args.engine_update))
     return info, layout, model_dir, engine, sync
 
@@ -102,11 +102,11 @@ def _greedy(engine) -> list[list[int]]:
 def _stream(sync):
     """The sync's own HF stream (collective): the transfers and merges of one sync,
     yielding the full tensors this rank's engine takes, without the engine write."""
-    from sophiavl_mcore.weight_sync.megatron_sync import _local_tensors
+    from sophiavl_mcore.weight_sync.transport import local_tensors
 
     progress = {"received": 0, "tensors": 0, "bytes": 0, "buckets": 0}
     buckets = sync._schedule(sync._gather_meta()[1])  # noqa: SLF001 (bench reuses the stream)
-    return sync._hf_stream(buckets, _local_tensors(sync.module), progress)  # noqa: SLF001
+    return sync._hf_stream(buckets, local_tensors(sync.module), progress)  # noqa: SLF001
 
 
 def _run_timed(fn) -> tuple[float, float]:

@@ -10,7 +10,8 @@ Sections are dataclasses owned by the package that uses them, each in that packa
 composes them (``trainer.config.GRPOTrainConfig`` for GRPO, ``TRMTrainConfig`` for TRM
 fine-tuning) and is passed as ``cls``. A dataclass may name keys it used to have in a
 ``RENAMED_KEYS`` class attribute (``{old: new}``): such a key is refused with a message
-naming the new one.
+naming the new one; a ``REMOVED_KEYS`` attribute (``{old: why}``) names keys that are
+gone, and such a key is refused with the reason.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     if moved:
         raise ConfigError("; ".join(f"{_join(where, k)} is now {_join(where, renamed[k])}: "
                                     "rename the key in the recipe / override" for k in moved))
+    removed = getattr(cls, "REMOVED_KEYS", {})
+    gone = [k for k in unknown if k in removed]
+    if gone:
+        raise ConfigError("; ".join(f"{_join(where, k)} is gone: {removed[k]}; "
+                                    "remove the key from the recipe / override" for k in gone))
     if unknown:
         raise ConfigError(
             f"unknown key(s) {', '.join(_join(where, k) for k in unknown)}; "

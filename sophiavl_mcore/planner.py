@@ -48,7 +48,7 @@ GPU holds one rank of an engine; RTP = ``rollout.tensor_parallel_size`` consecut
 form one engine, ``world / RTP`` engines in all, ``gpus_per_node / RTP`` per node (an
 engine never spans nodes), each answering ``prompts_per_step / engines`` prompts.
 
-Weight sync per step (:mod:`~sophiavl_mcore.weight_sync.spmd_sync`): each rank receives,
+Weight sync per step (:mod:`~sophiavl_mcore.weight_sync.transport`): each rank receives,
 inside its own data-parallel replica, every Megatron piece the replica holds on *other*
 ranks, in ``model.dtype``, and merges full HF tensors for its engine shard. With
 ``split_s`` / ``repl_s`` = TP-split / TP-replicated elements on one rank of stage ``s``

@@ -4,7 +4,8 @@ Public API::
 
     WeightSync (interface: sync(version) -> SyncReport, policy_version)
     WeightSyncConfig, WeightSyncError, SyncReport
-    MegatronWeightSync(model, hf_config, engine, cfg)   (gloo/NCCL point-to-point + buckets)
+    MegatronWeightSync(model, hf_config, engine, cfg, *, engine_ranks=None)
+        (every rank's engine shard by default, or one rank's engine; buckets)
     vllm_access: release_engine_default_group, close_colocated_engine, VllmReadBack
     vllm_inplace / vllm_repack: the engine write (``WeightSyncConfig.engine_update``)
 

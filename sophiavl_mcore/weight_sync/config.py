@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclasses.dataclass
 class WeightSyncConfig:
-    """How trainer weights reach the rollout engine.
+    """How trainer weights reach the rollout engines (every rank holds an engine shard;
+    ``engine_rank`` is gone, see ``REMOVED_KEYS``).
 
     Attributes:
         bucket_bytes: upper bound (bytes) on the weights gathered and in flight at once;
             a single tensor larger than this travels alone in its own bucket.
-        engine_rank: global rank whose process holds the colocated engine (CPU mode:
-            the engine lives in one trainer process, rank 0 by default).
         require_complete: every tensor the engine expects must be sent; ``False``
             allows partial syncs (e.g. a frozen vision tower that never changes).
         debug_compare: after each sync, read the weights back from the engine and
@@ -33,8 +32,11 @@ class WeightSyncConfig:
             ``inplace`` where the engine supports it, else ``reload``.
     """
 
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "engine_rank": "every rank holds an engine shard (SPMD rollout), so there is no engine rank to pick",
+    }
+
     bucket_bytes: int = 512 * 2**20
-    engine_rank: int = 0
     require_complete: bool = True
     debug_compare: bool = False
     debug_atol: float = 0.0
@@ -44,8 +46,6 @@ class WeightSyncConfig:
         errors = []
         if self.bucket_bytes < 2**20:
             errors.append(f"bucket_bytes={self.bucket_bytes} must be >= 1 MiB (1048576)")
-        if self.engine_rank < 0:
-            errors.append(f"engine_rank={self.engine_rank} must be >= 0")
         if self.debug_atol < 0:
             errors.append(f"debug_atol={self.debug_atol} must be >= 0")
         if self.engine_update not in ("auto", "inplace", "live", "reload"):

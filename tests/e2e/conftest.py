@@ -1,7 +1,7 @@
 """One run of the README main job (the tiny CPU recipe) per test session.
 
 The run is real end to end: ``torchrun --nproc-per-node 2 -m sophiavl_mcore.train`` with
-TP=2 over gloo, a tiny random Qwen2.5-VL, a vLLM engine on each rank for rollouts, the
+TP=1 × DP=2 over gloo (the recipe's layout), a tiny random Qwen2.5-VL, a vLLM engine on each rank for rollouts, the
 tiny dots TRM (trained once into the cache, served by the job over HTTP), a warm start,
 GRPO steps and the HF export. Several tests read its
 outputs (metrics.jsonl, TensorBoard events, export) instead of paying for more runs.

@@ -95,3 +95,15 @@ def test_main_job_script_reports_a_bad_key_in_one_line() -> None:
     ours = [line for line in proc.stderr.splitlines() if not line.startswith("[setup_env]")]
     assert ours == ["ConfigError: train.total_steps: expected an integer, got 'abc'"], proc.stderr
     assert "torchrun" not in proc.stdout + proc.stderr
+
+
+def test_removed_weight_sync_engine_rank_is_refused_with_the_reason(monkeypatch, capsys) -> None:
+    """``weight_sync.engine_rank`` is gone (every rank holds an engine shard): a recipe or
+    override that still sets it fails in one line naming the key and why."""
+    from sophiavl_mcore.train import main
+
+    err = _one_line(monkeypatch, capsys, main,
+                    ["--config", str(TINY), "--dry-run", "weight_sync.engine_rank=0"])
+    assert err.startswith("ConfigError: weight_sync.engine_rank is gone: every rank holds an "
+                          "engine shard"), err
+    assert "remove the key" in err

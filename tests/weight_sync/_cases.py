@@ -1,8 +1,10 @@
 """Per-rank bodies of the weight-sync tests (run inside ``EngineWorld`` ranks).
 
 Each case builds a randomly initialised Megatron model (weights unlike the engine's
-checkpoint), syncs it into the session's engine (rank 0), and returns plain numbers:
-vLLM's prompt log-probs (rank 0) and Megatron's on the same tokens (last stage).
+checkpoint), syncs it into the session's engine (rank 0, ``engine_ranks=ONE``) or, in
+``every_rank_case``, into every rank's SPMD engine (``spmd_world``, the training case),
+and returns plain numbers: vLLM's prompt log-probs and Megatron's on the same tokens
+(last stage).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+ONE = [0]  # the session world's engine: rank 0 only (``engine_world``)
 TEXT_IDS = [3, 17, 250, 9, 411, 88, 123, 600, 42, 7, 300, 5, 61, 700, 12, 99]
 IMAGE_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
                 "What is in the picture?<|im_end|>\n<|im_start|>assistant\n")
@@ -148,7 +151,7 @@ def text_case(rank: int, ctx: dict, model_dir: str, tp: int, pp: int, seed: int,
         res["vllm_before"] = vllm_logprobs(engine, {"prompt_token_ids": TEXT_IDS})[1]
     model = build_lm(model_dir, info, seed)
     sync = MegatronWeightSync(model, model_dir, engine,
-                              _sync_cfg(require_complete=False, debug_compare=True))
+                              _sync_cfg(require_complete=False, debug_compare=True), engine_ranks=ONE)
     res["mcore"] = megatron_logprobs(model, info, TEXT_IDS, vocab)
     res["report"] = _report(sync.sync())
     if engine is not None:
@@ -187,7 +190,7 @@ def vl_case(rank: int, ctx: dict, model_dir: str, tp: int, pp: int, seed: int) -
     prompt = {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image}}
     if engine is not None:
         res["vllm_before"] = vllm_logprobs(engine, prompt)[1]
-    sync = MegatronWeightSync(model, model_dir, engine, _sync_cfg(debug_compare=True))
+    sync = MegatronWeightSync(model, model_dir, engine, _sync_cfg(debug_compare=True), engine_ranks=ONE)
     res["report"] = _report(sync.sync())
     extra = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
     res["mcore"] = megatron_logprobs(model, info, ids, _vocab(model_dir), extra=extra)
@@ -213,13 +216,14 @@ def failing_case(rank: int, ctx: dict, model_dir: str, bad_config_dir: str, seed
 
     # 1. bad name: the last layer's down_proj renamed (all earlier tensors are fine)
     model = build_lm(model_dir, info, seed)
-    good = MegatronWeightSync(model, model_dir, engine, _sync_cfg(require_complete=False))
+    good = MegatronWeightSync(model, model_dir, engine, _sync_cfg(require_complete=False),
+                              engine_ranks=ONE)
     rules = list(good.plan.rules)
     last = max(i for i, r in enumerate(rules) if r.mcore.endswith("mlp.linear_fc2.weight"))
     rules[last] = dataclasses.replace(rules[last], hf=(rules[last].hf[0].replace("down_proj", "down_prj"),))
     res["renamed"] = rules[last].hf[0]
     sync = MegatronWeightSync(model, model_dir, engine, _sync_cfg(require_complete=False),
-                              plan=dataclasses.replace(good.plan, rules=rules))
+                              engine_ranks=ONE, plan=dataclasses.replace(good.plan, rules=rules))
     try:
         sync.sync()
     except WeightSyncError as err:
@@ -227,7 +231,8 @@ def failing_case(rank: int, ctx: dict, model_dir: str, bad_config_dir: str, seed
 
     # 2. shape mismatch: a trainer model with a wider FFN than the engine's
     wide = build_lm(model_dir, info, seed, config_dir=Path(bad_config_dir))
-    sync = MegatronWeightSync(wide, bad_config_dir, engine, _sync_cfg(require_complete=False))
+    sync = MegatronWeightSync(wide, bad_config_dir, engine, _sync_cfg(require_complete=False),
+                              engine_ranks=ONE)
     try:
         sync.sync()
     except WeightSyncError as err:
@@ -235,7 +240,38 @@ def failing_case(rank: int, ctx: dict, model_dir: str, bad_config_dir: str, seed
     if engine is not None:
         res["version_after"] = engine.policy_version
         res["vllm_after"] = vllm_logprobs(engine, {"prompt_token_ids": TEXT_IDS})[1]
+    res.update(_engine_failure(model, model_dir, engine, good.plan, rules, ONE))
     return res
+
+
+def _engine_failure(model, model_dir: Path, engine, plan, rules, engine_ranks) -> dict:
+    """A failure *inside* the engine (past validation: the renamed tensor is declared
+    expected): every rank must raise it; then a good sync repairs the engine."""
+    import dataclasses
+
+    from sophiavl_mcore.weight_sync import MegatronWeightSync, WeightSyncError
+
+    expected = None
+    if engine is not None:
+        from sophiavl_mcore.weight_sync.megatron_sync import engine_specs
+
+        expected = dict(engine_specs(engine))
+        expected.update({n: tuple(sh) for r in rules if not r.mirror
+                         for n, sh in zip(r.hf, r.hf_shapes, strict=True)})
+    bad = MegatronWeightSync(model, model_dir, engine, _sync_cfg(require_complete=False),
+                             engine_ranks=engine_ranks, expected_specs=expected,
+                             plan=dataclasses.replace(plan, rules=rules))
+    out: dict[str, Any] = {}
+    try:
+        bad.sync()
+        out["engine_error"] = None
+    except WeightSyncError as err:
+        out["engine_error"] = str(err)
+    good = MegatronWeightSync(model, model_dir, engine, _sync_cfg(require_complete=False,
+                                                                  debug_compare=True),
+                              engine_ranks=engine_ranks)
+    out["repaired"] = _report(good.sync())
+    return out
 
 
 def _vocab(model_dir: Path) -> int:
@@ -274,7 +310,7 @@ def inplace_vs_reload_case(rank: int, ctx: dict, model_dir: str, seed: int) -> d
              ("y_reload2", "y", "reload"), ("x_live", "x", "live"), ("y_reload3", "y", "reload"))
     for label, which, how in steps:
         sync = MegatronWeightSync(models[which], model_dir, engine,
-                                  _sync_cfg(require_complete=False, engine_update=how))
+                                  _sync_cfg(require_complete=False, engine_update=how), engine_ranks=ONE)
         report = sync.sync()
         res["kinds"].append(report.engine_update)
         if engine is not None:
@@ -295,8 +331,8 @@ def corrupt_case(rank: int, ctx: dict, model_dir: str, seed: int, how: str, suff
     info = _setup(2, 1, *_dims(model_dir))
     engine = ctx.get("engine")
     model = build_lm(model_dir, info, seed)
-    sync = MegatronWeightSync(model, model_dir, engine,
-                              _sync_cfg(require_complete=False, debug_compare=True, engine_update=how))
+    sync = MegatronWeightSync(model, model_dir, engine, _sync_cfg(
+        require_complete=False, debug_compare=True, engine_update=how), engine_ranks=ONE)
     res: dict[str, Any] = {"rank": rank, "clean": _report(sync.sync())}
     target = next(n for r in sync.plan.rules if not r.mirror for n in r.hf if n.endswith(suffix))
     res["target"] = target
@@ -402,7 +438,7 @@ def encoder_cache_case(rank: int, ctx: dict, model_dir: str, seed: int) -> dict:
                              init_method_std=0.08)
     vision = {n: p for n, p in model.named_parameters() if "vision" in n or "visual" in n}
     original = {n: p.detach().clone() for n, p in vision.items()}
-    sync = MegatronWeightSync(model, model_dir, engine, _sync_cfg())
+    sync = MegatronWeightSync(model, model_dir, engine, _sync_cfg(), engine_ranks=ONE)
     prompt = {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image}}
     res: dict[str, Any] = {"rank": rank, "last_stage": info.is_last_stage, "vision_params": len(vision)}
     for phase in ("original", "perturbed", "restored"):
@@ -414,4 +450,53 @@ def encoder_cache_case(rank: int, ctx: dict, model_dir: str, seed: int) -> dict:
             vllm_logprobs(engine, prompt)  # first request after the update fills the cache
             res[phase] = vllm_logprobs(engine, prompt)[1]  # the second may read it
         res[f"mcore_{phase}"] = megatron_logprobs(model, info, ids, _vocab(model_dir), extra=extra)
+    return res
+
+
+# ---------------------------------------------------------------------- every rank holds an engine
+
+
+def every_rank_case(rank: int, ctx: dict, model_dir: str, tp: int, pp: int, seed: int) -> dict:
+    """The training path (``spmd_world``: an SPMD engine on every rank, default
+    ``engine_ranks``): misplaced engines refused at set-up; a sync with debug compare;
+    every engine's log-probs vs Megatron's; a refused sync (renamed tensor) and a
+    failure inside the engines, agreed on every rank; a good sync repairs."""
+    import dataclasses
+
+    from sophiavl_mcore.weight_sync import MegatronWeightSync, WeightSyncError
+
+    model_dir = Path(model_dir)
+    info = _setup(tp, pp, *_dims(model_dir))
+    engine = ctx["engine"]
+    prompt = {"prompt_token_ids": TEXT_IDS}
+    res: dict[str, Any] = {"rank": rank, "last_stage": info.is_last_stage, "setup_errors": []}
+    model = build_lm(model_dir, info, seed)
+    for eng, ranks in ((engine if rank == 0 else None, None), (engine, [0])):
+        try:
+            MegatronWeightSync(model, model_dir, eng, _sync_cfg(), engine_ranks=ranks)
+        except ValueError as err:
+            res["setup_errors"].append(str(err))
+    res["vllm_before"] = vllm_logprobs(engine, prompt)[1]
+    sync = MegatronWeightSync(model, model_dir, engine,
+                              _sync_cfg(require_complete=False, debug_compare=True))
+    res["bytes_model"] = sync.bytes_model
+    res["mcore"] = megatron_logprobs(model, info, TEXT_IDS, _vocab(model_dir))
+    res["report"] = {**_report(sync.sync(version=7)), "received": sync.transport.received}
+    res["vllm"] = vllm_logprobs(engine, prompt)[1]
+    res["engine_version"] = engine.policy_version
+
+    rules = list(sync.plan.rules)
+    last = max(i for i, r in enumerate(rules) if r.mcore.endswith("mlp.linear_fc2.weight"))
+    rules[last] = dataclasses.replace(rules[last], hf=(rules[last].hf[0].replace("down_proj", "down_prj"),))
+    renamed = MegatronWeightSync(model, model_dir, engine, _sync_cfg(require_complete=False),
+                                 plan=dataclasses.replace(sync.plan, rules=rules))
+    try:
+        renamed.sync()
+        res["refused"] = None
+    except WeightSyncError as err:
+        res["refused"] = str(err)
+    res["version_after_refusal"] = engine.policy_version
+    res["vllm_after_refusal"] = vllm_logprobs(engine, prompt)[1]
+    res.update(_engine_failure(model, model_dir, engine, sync.plan, rules, None))
+    res["vllm_repaired"] = vllm_logprobs(engine, prompt)[1]
     return res

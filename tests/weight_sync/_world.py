@@ -7,7 +7,9 @@ spawned ranks start once; rank 0 builds the engine *before* the process group ex
 ``sophiavl_mcore.weight_sync.vllm_access``), all ranks join one gloo world, and then
 serve commands: ``world.run(fn, *args)`` calls the module-level ``fn(rank, ctx, *args)``
 on every rank (``ctx["engine"]`` on rank 0) and returns the per-rank results. A rank's
-exception comes back as that rank's traceback; a hang ends at ``timeout_s``.
+exception comes back as that rank's traceback; a hang ends at ``timeout_s``. With
+``spmd=True`` the world is built as training builds it: process group first, then an
+SPMD engine on every rank (``rollout.spmd.build_spmd_engine``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch.multiprocessing as mp
 from sophiavl_mcore.testing.multiproc import free_port
 
 
-def _rank_main(rank: int, nprocs: int, port: int, engine_kwargs: dict, cmd_q, res_q) -> None:
+def _rank_main(rank: int, nprocs: int, port: int, engine_kwargs: dict, spmd: bool,
+               cmd_q, res_q) -> None:
     os.environ.update(OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import warnings
@@ -36,17 +39,23 @@ def _rank_main(rank: int, nprocs: int, port: int, engine_kwargs: dict, cmd_q, re
     torch.set_num_threads(1)
     ctx: dict[str, Any] = {}
     try:
-        if rank == 0:
-            from sophiavl_mcore.rollout import RolloutConfig, SamplingConfig
+        from sophiavl_mcore.rollout import RolloutConfig, SamplingConfig
+
+        cfg = RolloutConfig(sampling=SamplingConfig(n=1, max_tokens=4), **engine_kwargs)
+        if rank == 0 and not spmd:
             from sophiavl_mcore.rollout.vllm_engine import VllmRolloutEngine
             from sophiavl_mcore.weight_sync.vllm_access import release_engine_default_group
 
-            cfg = RolloutConfig(sampling=SamplingConfig(n=1, max_tokens=4), **engine_kwargs)
             ctx["engine"] = VllmRolloutEngine(cfg)
             ctx["released_vllm_group"] = release_engine_default_group()
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=3))
+        if spmd:  # the trainer's order: world first, then every rank's engine (rollout TP 1)
+            from sophiavl_mcore.rollout.layout import EngineLayout
+            from sophiavl_mcore.rollout.spmd import build_spmd_engine
+
+            ctx["engine"] = build_spmd_engine(cfg, EngineLayout(world=nprocs, rtp=1, prompts=nprocs, n=1))
         res_q.put((rank, "ready", None))
     except BaseException:
         res_q.put((rank, "error", traceback.format_exc()))
@@ -60,7 +69,11 @@ def _rank_main(rank: int, nprocs: int, port: int, engine_kwargs: dict, cmd_q, re
             res_q.put((rank, "ok", fn(rank, ctx, *args)))
         except BaseException:
             res_q.put((rank, "error", traceback.format_exc()))
-    if "engine" in ctx:
+    if spmd:
+        from sophiavl_mcore.rollout.spmd import close_spmd_engine
+
+        close_spmd_engine(ctx.get("engine"))
+    elif "engine" in ctx:
         from sophiavl_mcore.weight_sync.vllm_access import close_colocated_engine
 
         close_colocated_engine(ctx["engine"])
@@ -68,16 +81,19 @@ def _rank_main(rank: int, nprocs: int, port: int, engine_kwargs: dict, cmd_q, re
 
 
 class EngineWorld:
-    """``nprocs`` persistent gloo ranks; rank 0 holds a ``VllmRolloutEngine``."""
+    """``nprocs`` persistent gloo ranks; rank 0 holds a ``VllmRolloutEngine`` built before
+    the world, or (``spmd``) every rank holds its own SPMD engine (rollout TP 1) built in
+    the world, as training builds them."""
 
-    def __init__(self, nprocs: int, engine_kwargs: dict, start_timeout_s: float = 600) -> None:
+    def __init__(self, nprocs: int, engine_kwargs: dict, start_timeout_s: float = 600,
+                 spmd: bool = False) -> None:
         mpctx = mp.get_context("spawn")
         self.nprocs = nprocs
         self.cmd = [mpctx.Queue() for _ in range(nprocs)]
         self.res = mpctx.Queue()
         port = free_port()
         self.procs = [mpctx.Process(target=_rank_main,
-                                    args=(r, nprocs, port, engine_kwargs, self.cmd[r], self.res))
+                                    args=(r, nprocs, port, engine_kwargs, spmd, self.cmd[r], self.res))
                       for r in range(nprocs)]
         for p in self.procs:
             p.start()

@@ -1,5 +1,6 @@
-"""Session fixtures of the weight-sync tests: ONE tiny Qwen2.5-VL checkpoint and ONE
-persistent 2-rank gloo world whose rank 0 holds the session's only vLLM engine.
+"""Session fixtures of the weight-sync tests: ONE tiny Qwen2.5-VL checkpoint, a
+persistent 2-rank gloo world whose rank 0 holds one vLLM engine (``engine_world``), and
+a 2-rank world with an SPMD engine on every rank, as training builds it (``spmd_world``).
 
 The checkpoint is GQA (4 heads, 2 KV groups, head_dim 64) with 4 layers so that TP=2
 and PP=2 both split it; text-only tests sync a Megatron Qwen2.5 LM into the engine's
@@ -52,5 +53,16 @@ def engine_world(ws_model_dir):
     world = EngineWorld(2, dict(model=str(ws_model_dir), dtype="float32", enforce_eager=True,
                                 max_model_len=512, max_num_seqs=4, seed=0,
                                 enable_prefix_caching=False))
+    yield world
+    world.close()
+
+
+@pytest.fixture(scope="session")
+def spmd_world(ws_model_dir):
+    from _world import EngineWorld
+
+    world = EngineWorld(2, dict(model=str(ws_model_dir), dtype="float32", enforce_eager=True,
+                                max_model_len=512, max_num_seqs=4, seed=0,
+                                enable_prefix_caching=False), spmd=True)
     yield world
     world.close()

@@ -65,8 +65,8 @@ def test_source_table_rejects_incomplete_layouts():
 
 
 def test_config_rejects_impossible_values():
-    with pytest.raises(ValueError, match="bucket_bytes=10 .*engine_rank=-1"):
-        WeightSyncConfig(bucket_bytes=10, engine_rank=-1)
+    with pytest.raises(ValueError, match="bucket_bytes=10 .*debug_atol=-1"):
+        WeightSyncConfig(bucket_bytes=10, debug_atol=-1)
     with pytest.raises(ValueError, match="engine_update='fast' must be auto, inplace, live or reload"):
         WeightSyncConfig(engine_update="fast")
 

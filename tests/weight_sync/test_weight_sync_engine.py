@@ -85,6 +85,12 @@ def test_failed_sync_leaves_engine_unchanged(engine_world, ws_model_dir, ws_wide
     assert "shape mismatch" in shape_err and "[768, 256]" in shape_err and "[512, 256]" in shape_err
     assert r0["version_after"] == r0["version_before"]
     np.testing.assert_array_equal(r0["vllm_after"], r0["vllm_before"])
+    # a failure inside the engine (past validation): the senders are drained, every
+    # rank raises the same error, and the next good sync works
+    for r in results:
+        assert r["engine_error"] is not None and r["engine_error"] == r0["engine_error"]
+        assert "inside an engine: rank 0:" in r["engine_error"]
+        assert r["repaired"]["debug"] == 0.0 and r["repaired"]["version"] == r0["version_after"] + 1
 
 
 def test_vision_update_reaches_cached_images(engine_world, ws_model_dir):

@@ -98,7 +98,7 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
     from sophiavl_mcore.trainer.grpo.reference_model import ReferenceModel
     from sophiavl_mcore.trainer.optim import build_optimizer, check_backend, wrap_ddp
     from sophiavl_mcore.trainer.sft.data import image_config_for
-    from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
+    from sophiavl_mcore.weight_sync.megatron_sync import MegatronWeightSync
 
     world = int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp))
     check_world(cfg, world)
@@ -141,7 +141,7 @@ def build_trainer(cfg: GRPOTrainConfig) -> GRPOTrainer:
         sampler.load_state_dict(loaded.extra_state["sampler"])
         start = loaded.step + 1
         logger.info("resumed from %s: continuing at step %d", loaded.path, start)
-    sync = SpmdWeightSync(model, mdir, engine, cfg.weight_sync)
+    sync = MegatronWeightSync(model, mdir, engine, cfg.weight_sync)  # every rank holds an engine
     sync.sync(version=start - 1)  # every engine starts from the trainer's current policy
     if trm_server is not None:  # rank 0 polls /health; the others wait for its outcome
         run_on_rank(trm_server.wait_healthy)

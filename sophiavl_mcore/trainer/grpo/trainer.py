@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from sophiavl_mcore.trainer.grpo.metrics import PhaseTimer
     from sophiavl_mcore.trainer.grpo.reference_model import ReferenceModel
     from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
-    from sophiavl_mcore.weight_sync.spmd_sync import SpmdWeightSync
+    from sophiavl_mcore.weight_sync.megatron_sync import MegatronWeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class GRPOTrainer:
     scheduler: OptimizerParamScheduler
     reference: ReferenceModel | None
     engine: RolloutEngine
-    sync_: SpmdWeightSync
+    sync_: MegatronWeightSync
     trm: ThinkingRewardClient | None
     sampler: MixedSampler
     tokenizer: PreTrainedTokenizerBase
