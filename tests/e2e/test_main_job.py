@@ -148,7 +148,16 @@ def test_gamma_falls_below_one_where_the_trm_is_hacked(main_job) -> None:
     assert mean(hacked + "gamma_lt1_frac") > mean(clean + "gamma_lt1_frac") + 0.1
     assert mean(hacked + "gamma_mean") < mean(clean + "gamma_mean")
     assert mean(hacked + "mu_gap_mean") < mean(clean + "mu_gap_mean")
-    assert mean(clean + "trm_true_corr") > 0.3
+    # The TRM follows the true quality on the clean source and not on the hacked one, as
+    # measured on its held-out replies (agreement.json, written when the job's server came
+    # up). The in-run mean of reward/source/dots_clean/trm_true_corr is not asserted: once
+    # the policy has learned, a step's clean replies are a few distinct texts of nearly
+    # equal quality and the per-step correlation swings to ±1 (one TRM build on this
+    # machine: −0.06 over 70 steps with held-out clean correlation 0.89).
+    info = json.loads((main_job["out"] / "trm" / "server.json").read_text())
+    agreement = json.loads((Path(info["tiny_dir"]) / "agreement.json").read_text())["greedy"]
+    assert agreement["dots_clean"]["corr_true"] > 0.5
+    assert agreement["dots_clean"]["agree_true"] > agreement["dots_hacked"]["agree_true"] + 0.2
 
 
 @pytest.mark.slow
