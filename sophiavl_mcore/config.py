@@ -7,7 +7,7 @@ start from another with ``base: other.yaml`` (a path relative to the recipe).
 
 Sections are dataclasses owned by the package that uses them, each in that package's
 ``config`` module (``data.config``, ``rewards.config``, ...); a job's top-level config
-composes them (``trainer.config.GRPOTrainConfig`` for GRPO, ``TRMTrainConfig`` for TRM
+composes them (``trainer.grpo.config.GRPOTrainConfig`` for GRPO, ``trainer.sft.config.TRMTrainConfig`` for TRM
 fine-tuning) and is passed as ``cls``. A dataclass may name keys it used to have in a
 ``RENAMED_KEYS`` class attribute (``{old: new}``): such a key is refused with a message
 naming the new one; a ``REMOVED_KEYS`` attribute (``{old: why}``) names keys that are

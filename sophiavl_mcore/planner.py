@@ -337,7 +337,7 @@ def plan_topology(cfg: Any, cluster: Cluster, config_json: Mapping[str, Any], dp
 
 def plan_memory(cfg: Any, cluster: Cluster, config_json: Mapping[str, Any], *,
                 recompute: Recompute = "full") -> MemoryPlan:
-    """Memory plan of ``cfg`` (a :class:`~sophiavl_mcore.trainer.config.GRPOTrainConfig`)."""
+    """Memory plan of ``cfg`` (a :class:`~sophiavl_mcore.trainer.grpo.config.GRPOTrainConfig`)."""
     from sophiavl_mcore.models.hf_config import padded_vocab_size, read_lm_dims
     from sophiavl_mcore.parallel.layout import stage_layer_counts, validate_layout
 

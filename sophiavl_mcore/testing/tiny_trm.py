@@ -115,7 +115,7 @@ def _train(work: Path, cfg: Any, data: Path, thinking: Any) -> Path:
     from sophiavl_mcore.testing.multiproc import free_port
     from sophiavl_mcore.testing.tiny_models import TinyModelSpec, build_tiny_qwen2_5_vl
     from sophiavl_mcore.testing.vllm_server import server_env
-    from sophiavl_mcore.trainer.config import TRMTrainConfig
+    from sophiavl_mcore.trainer.sft.config import TRMTrainConfig
 
     base = build_tiny_qwen2_5_vl(work / "base", TinyModelSpec(num_kv_heads=2, seed=TRM_SEED))
     # The run's own settings as a recipe on top of the tiny TRM's (YAML quotes the prompt).
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sophiavl_mcore.config import load_config
     from sophiavl_mcore.logging import setup_logging
     from sophiavl_mcore.testing.vllm_server import VllmServer
-    from sophiavl_mcore.trainer.config import GRPOTrainConfig
+    from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))

@@ -152,17 +152,3 @@ class ModelConfig:
                 "recompute_num_layers")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
-
-def __getattr__(name: str) -> Any:
-    """The job configs by their old address, for importers not yet moved
-    (``trainer/setup.py`` and ``testing/tiny_trm.py``); import them from
-    :mod:`.grpo.config` / :mod:`.sft.config` instead."""
-    if name == "GRPOTrainConfig":
-        from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
-
-        return GRPOTrainConfig
-    if name == "TRMTrainConfig":
-        from sophiavl_mcore.trainer.sft.config import TRMTrainConfig
-
-        return TRMTrainConfig
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

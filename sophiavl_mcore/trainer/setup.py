@@ -1,4 +1,4 @@
-"""The GRPO run's construction from its config (``trainer.config.GRPOTrainConfig``): everything before step 1.
+"""The GRPO run's construction from its config (``trainer.grpo.config.GRPOTrainConfig``): everything before step 1.
 
 Order matters on CPU: rank 0 builds the colocated vLLM engine *before* any trainer
 process group exists and releases vLLM's one-rank default group
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sophiavl_mcore.data.config import DataSourceConfig
-from sophiavl_mcore.trainer.config import GRPOTrainConfig
+from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
 if TYPE_CHECKING:
     from sophiavl_mcore.testing.tiny_models import TinyModelSpec

@@ -78,13 +78,6 @@ ALLOWED_TESTING_IMPORTS: dict[tuple[str, str], str] = {
 }
 
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    (_P + "trainer.config", _P + "trainer.grpo.config"):
-        "trainer.config's module __getattr__ still hands out GRPOTrainConfig for "
-        "trainer/setup.py (owned by the entry-point move) and testing/tiny_trm.py; fix: "
-        "they import it from trainer.grpo.config, then the __getattr__ goes",
-    (_P + "trainer.config", _P + "trainer.sft.config"):
-        "the same __getattr__ hands out TRMTrainConfig for testing/tiny_trm.py; fix: it "
-        "imports it from trainer.sft.config",
 }
 
 
