@@ -317,9 +317,7 @@ class MegatronWeightSync(WeightSync):
             error, new, progress = self._stream_into(
                 lambda stream, b: self._load(stream, b, version), buckets, "engine load")
             verdicts = host_all_gather_object((error, new))
-        errors = [e for e, _ in verdicts if e]
-        if errors:
-            raise WeightSyncError(f"weight sync failed inside an engine: {errors[0]}")
+        _raise_first_error(verdicts, "weight sync failed inside an engine")
         versions = sorted({v for _, v in (verdicts[r] for r in self.engine_ranks)})
         if len(versions) != 1:
             raise WeightSyncError(f"engines disagree on the policy version after the sync: {versions}")
@@ -371,9 +369,7 @@ class MegatronWeightSync(WeightSync):
         error, result, _ = self._stream_into(worst_diff, buckets, "debug compare")
         self.transport.sent, self.transport.received = sent, received  # a sync's counts only
         verdicts = host_all_gather_object((error, result))
-        errors = [e for e, _ in verdicts if e]
-        if errors:
-            raise WeightSyncError(f"debug compare failed: {errors[0]}")
+        _raise_first_error(verdicts, "debug compare failed")
         value, name = max((r for _, r in verdicts if r is not None), key=lambda r: r[0])
         if value > self.cfg.debug_atol:
             raise WeightSyncError(
@@ -388,3 +384,10 @@ def engine_specs(engine: Any) -> dict[str, tuple[int, ...]] | None:
     from sophiavl_mcore.weight_sync.vllm_access import engine_expected_specs
 
     return engine_expected_specs(engine)
+
+
+def _raise_first_error(verdicts: list[tuple[str | None, Any]], what: str) -> None:
+    """Every rank's ``(error or None, value)``: raise the first error on every rank."""
+    errors = [e for e, _ in verdicts if e]
+    if errors:
+        raise WeightSyncError(f"{what}: {errors[0]}")
