@@ -54,12 +54,13 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     from sophiavl_mcore.trainer.grpo.metrics import (
         CONSOLE_KEYS,
         PhaseTimer,
+        first_generated_group,
         log_step,
-        reward_metrics,
+        step_metrics,
         step_perf,
     )
     from sophiavl_mcore.trainer.grpo.sampling import collect_groups
-    from sophiavl_mcore.trainer.grpo.step_data import gather_scalars, rollout_metrics
+    from sophiavl_mcore.trainer.grpo.step_data import gather_step
     from sophiavl_mcore.trainer.grpo.trainer import seed_everything
     from sophiavl_mcore.trainer.grpo.validation import evaluate
     from sophiavl_mcore.trainer.preemption import PreemptionWatcher, write_run_state
@@ -80,25 +81,20 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     with PreemptionWatcher() as watcher:
         for step in range(trainer.start_step, total + 1):
             timer = PhaseTimer()
-            records, roll, scores, sampled = collect_groups(trainer, step, timer)
+            records, batch, sampled = collect_groups(trainer, step, timer)  # rollout + score
             with timer("reward"):
-                scalars = gather_scalars(trainer.layout, records, roll, scores, oracle)
+                view = gather_step(trainer.layout, records, batch, oracle)
             with timer("exchange"):
-                batch, moved = trainer.exchange(roll, scores, records)
-            metrics = trainer.update(batch, timer)
+                share, moved = trainer.exchange(batch, records)
+            metrics = trainer.update(share, timer)
             with timer("weight_sync"):
-                metrics.update(trainer.sync(step))
-            metrics.update(moved)
-            metrics.update(sampled)
-            metrics.update(reward_metrics(scalars, scalars.trust, scalars.columns["advantage"],
-                                          scalars.true_quality))
-            metrics.update(rollout_metrics(scalars, trainer.layout))
-            metrics.update(timer.metrics())
-            metrics.update(step_perf(metrics, trainer.layout.world))
+                metrics |= trainer.sync(step)
+            metrics |= moved | sampled | step_metrics(view, trainer.layout) | timer.metrics()
+            metrics |= step_perf(metrics, trainer.layout.world)
             if cfg.train.val_every and (step % cfg.train.val_every == 0 or step == total) and val_records:
-                metrics.update(evaluate(trainer, val_records))
-            log_step(writer, step, metrics, scalars, scalars.trust, cfg.train.log_samples_every,
-                     samples=sample_view(roll, scores))
+                metrics |= evaluate(trainer, val_records)
+            log_step(writer, step, metrics, view, cfg.train.log_samples_every,
+                     first_generated_group(batch))
             history.append(metrics)
             if jsonl is not None:
                 jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -122,13 +118,6 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
         write_run_state(out, "complete" if finished else "preempted", last_step)
     trainer.close()
     return history
-
-
-def sample_view(roll: object, scores: object) -> object:
-    """The first group of this rank's engine, for the TensorBoard sample text/image."""
-    from sophiavl_mcore.trainer.grpo.step_data import SampleView
-
-    return SampleView.of(roll, scores)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,6 @@ rank needs the others' responses.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,29 +16,11 @@ from sophiavl_mcore.data.records import Record
 from sophiavl_mcore.rewards.config import RewardsConfig
 from sophiavl_mcore.rewards.thinking import ThinkingRewardClient
 from sophiavl_mcore.rewards.trust_grpo import (
-    TrustGRPOResult,
     group_advantages,
     needs_thinking_score,
     trust_grpo,
 )
-
-
-@dataclasses.dataclass
-class GroupScores:
-    """Rewards of ``G`` groups × ``n`` responses (group-major, M = G·n).
-
-    ``outcome`` / ``accuracy`` / ``well_formed`` / ``thinking`` f64 [M] (thinking NaN =
-    not scored); ``trust``: γ [G], μc/μw [G], final rewards [M]; ``advantages`` f64 [M];
-    ``trm_metrics``: the TRM client's counters for this call.
-    """
-
-    outcome: np.ndarray
-    accuracy: np.ndarray
-    well_formed: np.ndarray
-    thinking: np.ndarray
-    trust: TrustGRPOResult
-    advantages: np.ndarray
-    trm_metrics: dict[str, float]
+from sophiavl_mcore.rollout.batch import StepBatch
 
 
 def outcome_scores(records: Sequence[Record], texts: Sequence[Sequence[str]], cfg: RewardsConfig
@@ -78,23 +59,27 @@ def thinking_requests(records: Sequence[Record], texts: Sequence[Sequence[str]],
     return targets, reqs
 
 
-def score_groups(records: Sequence[Record], texts: Sequence[Sequence[str]], images: Sequence[Any],
-                 trm: ThinkingRewardClient | None, cfg: RewardsConfig, *, step: int,
-                 total_steps: int,
-                 agree: Callable[[np.ndarray], np.ndarray] | None = None) -> GroupScores:
-    """R^o, R^t, Trust-GRPO and advantages of these groups. ``step``: 0-based (the
-    annealing exponent). No TRM (or ``use_thinking`` off): R^t stays NaN. ``agree``:
-    makes every rank that scores these groups hold the same R^t [M] (e.g. a broadcast
-    from the one rank that asked the TRM) before γ is computed."""
-    n = len(texts[0]) if texts else 1
-    scores = outcome_scores(records, texts, cfg)
+def score_groups(batch: StepBatch, trm: ThinkingRewardClient | None, cfg: RewardsConfig, *,
+                 step: int, total_steps: int,
+                 agree: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    """Adds R^o, R^t, Trust-GRPO and advantages to ``batch`` (an engine's group-major
+    groups, with texts): columns ``outcome``, ``accuracy``, ``well_formed``, ``thinking``
+    (NaN = not scored), ``reward``, ``advantage`` f64 [M]; group columns ``gamma``,
+    ``mu_correct``, ``mu_wrong``, ``skipped`` f64 [G]; scalars ``reward/annealing`` and the
+    TRM client's counters. ``step``: 0-based (the annealing exponent). No TRM (or
+    ``use_thinking`` off): R^t stays NaN. ``agree``: makes every rank that scores these
+    groups hold the same R^t [M] (e.g. a broadcast from the one rank that asked the TRM)
+    before γ is computed. Groups not generated get advantage 0."""
+    n, texts = batch.n, batch.texts_by_group()
+    scores = outcome_scores(batch.records, texts, cfg)
     thinking = np.full(len(scores.reward), np.nan)
     trm_metrics: dict[str, float] = {}
     if trm is not None and cfg.trust_grpo.use_thinking:
         # No <think> block to grade when the format gate fails: those stay NaN (and with
         # trust_grpo.thinking_min_outcome, low outcomes get 0 without a TRM call).
         graded = needs_thinking_score(scores.reward, scores.well_formed, cfg.trust_grpo)
-        targets, reqs = thinking_requests(records, texts, images, graded)
+        targets, reqs = thinking_requests(batch.records, texts, batch.images or [None] * batch.num_groups,
+                                          graded)
         if reqs:
             ts = trm.score(reqs)
             for rows, score in zip(targets, ts.scores, strict=True):
@@ -107,7 +92,13 @@ def score_groups(records: Sequence[Record], texts: Sequence[Sequence[str]], imag
         thinking = agree(thinking)
     trust = trust_grpo(scores.reward, thinking, group_size=n, step=step, total_steps=total_steps,
                        config=cfg.trust_grpo)
-    adv = group_advantages(trust.reward, group_size=n, config=cfg.trust_grpo)
-    return GroupScores(np.asarray(scores.reward, np.float64), np.asarray(scores.accuracy, np.float64),
-                       np.asarray(scores.well_formed, np.float64), thinking, trust,
-                       np.asarray(adv, np.float64), trm_metrics)
+    adv = np.asarray(group_advantages(trust.reward, group_size=n, config=cfg.trust_grpo), np.float64)
+    adv[~batch.generated] = 0.0
+    skipped = np.zeros(batch.num_groups) if trust.skipped is None else trust.skipped
+    batch.add_columns(outcome=scores.reward, accuracy=scores.accuracy,
+                      well_formed=scores.well_formed, thinking=thinking, reward=trust.reward,
+                      advantage=adv)
+    batch.add_group_columns(gamma=trust.gamma, mu_correct=trust.mu_correct,
+                            mu_wrong=trust.mu_wrong, skipped=skipped)
+    batch.scalars.update(trm_metrics)
+    batch.scalars["reward/annealing"] = float(trust.annealing)

@@ -9,10 +9,13 @@ serves everybody), and :func:`redistribute` moves them with gloo/NCCL point-to-p
 messages of two flat tensors (int64 ids, float32 values) — no pickled objects, and no
 rank ever holds more responses than its engine produced plus its own share.
 
-Wire format of one message (``k`` rows):
-    ints   int64 [3 + 3k + ΣP + ΣR]: k, ΣP, ΣR, then (group, P_i, R_i) per row, then
-                                      prompt ids, then response ids
-    floats fp32  [k + ΣR]:            advantages, then per-token log-probs
+Wire format of one message (a :class:`~sophiavl_mcore.rollout.batch.StepBatch` slice of
+``g`` groups and ``k`` rows; each group's prompt travels once):
+    ints   int64 [4 + 2g + 2k + ΣP + ΣR]: g, k, ΣP, ΣR, then (group id, P_g) per group
+                                         (id −1−gid for a group not generated), then
+                                         (group_of, R_i) per row, then prompt ids, then
+                                         response ids
+    floats fp32  [k + ΣR]:               advantages, then per-token engine log-probs
 """
 
 from __future__ import annotations
@@ -24,26 +27,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sophiavl_mcore.data.records import Record
+from sophiavl_mcore.parallel.collectives import host_all_gather
 from sophiavl_mcore.parallel.host import host_group
+from sophiavl_mcore.rollout.batch import StepBatch
 from sophiavl_mcore.rollout.layout import EngineLayout
-
-
-@dataclasses.dataclass
-class TrainRow:
-    """What the trainer needs of one response.
-
-    ``group``: index of its prompt in the step; ``prompt_ids`` int64 [P] (image
-    placeholders expanded); ``response_ids`` int64 [R]; ``logprobs`` fp32 [R] (the
-    engine's); ``advantage``: its group advantage; ``valid``: False for the rows of a
-    prompt dropped before generation (a bad image) — trained with an all-False mask.
-    """
-
-    group: int
-    prompt_ids: np.ndarray
-    response_ids: np.ndarray
-    logprobs: np.ndarray
-    advantage: float
-    valid: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,48 +69,51 @@ def plan_transfers(layout: EngineLayout, dp_ranks: Sequence[int], dp: int) -> li
     return out
 
 
-def pack(rows: Sequence[TrainRow]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows → (int64, float32) flat tensors (see the module docstring)."""
-    p = [np.asarray(r.prompt_ids, dtype=np.int64) for r in rows]
-    s = [np.asarray(r.response_ids, dtype=np.int64) for r in rows]
-    head = [len(rows), sum(map(len, p)), sum(map(len, s))]
-    meta = [v for r, pi, si in zip(rows, p, s, strict=True)
-            for v in (r.group if r.valid else -1 - r.group, len(pi), len(si))]
-    ints = np.concatenate([np.asarray(head + meta, dtype=np.int64), *p, *s])
-    floats = np.concatenate([np.asarray([r.advantage for r in rows], dtype=np.float32),
-                             *[np.asarray(r.logprobs, dtype=np.float32) for r in rows]])
-    return torch.from_numpy(ints), torch.from_numpy(floats)
+def pack(part: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's rows → (int64, float32) flat tensors (see the module docstring)."""
+    prompts = [np.asarray(p, dtype=np.int64) for p in part.prompt_ids]
+    responses = [np.asarray(r, dtype=np.int64) for r in part.response_ids]
+    generated = part.group_columns["generated"] > 0
+    gid = np.where(generated, part.group_id, -1 - part.group_id)
+    head = [part.num_groups, len(part), sum(map(len, prompts)), sum(map(len, responses))]
+    per_group = np.stack([gid, [len(p) for p in prompts]], axis=1).reshape(-1)
+    per_row = np.stack([part.group_of, [len(r) for r in responses]], axis=1).reshape(-1)
+    ints = np.concatenate([np.asarray(head, np.int64), per_group, per_row, *prompts, *responses])
+    floats = np.concatenate([np.asarray(part.columns["advantage"], np.float32),
+                             *[np.asarray(lp, np.float32) for lp in part.logprobs]])
+    return torch.from_numpy(ints.astype(np.int64)), torch.from_numpy(floats)
 
 
-def unpack(ints: torch.Tensor, floats: torch.Tensor) -> list[TrainRow]:
+def unpack(ints: torch.Tensor, floats: torch.Tensor, records: Sequence[Record], n: int) -> StepBatch:
+    """The inverse of :func:`pack`; ``records``: the step's, by group index."""
     a, f = ints.numpy(), floats.numpy()
-    k = int(a[0])
-    meta = a[3:3 + 3 * k].reshape(k, 3)
-    pos, fpos = 3 + 3 * k, k
-    prompts = []
-    for _, plen, _ in meta:
-        prompts.append(a[pos:pos + plen].copy())
-        pos += plen
-    rows = []
-    for i, (g, _, rlen) in enumerate(meta):
-        resp = a[pos:pos + rlen].copy()
-        pos += rlen
-        lps = f[fpos:fpos + rlen].copy()
-        fpos += rlen
-        valid = bool(g >= 0)
-        rows.append(TrainRow(int(g) if valid else int(-1 - g), prompts[i], resp, lps,
-                             float(f[i]), valid))
-    return rows
+    g, m = int(a[0]), int(a[1])
+    per_group = a[4:4 + 2 * g].reshape(g, 2)
+    per_row = a[4 + 2 * g:4 + 2 * g + 2 * m].reshape(m, 2)
+    bounds = np.cumsum(np.concatenate([[4 + 2 * g + 2 * m], per_group[:, 1], per_row[:, 1]]))
+    pieces = [a[s:e].copy() for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+    fb = np.cumsum(np.concatenate([[m], per_row[:, 1]]))
+    generated = per_group[:, 0] >= 0
+    gid = np.where(generated, per_group[:, 0], -1 - per_group[:, 0])
+    return StepBatch(n, [records[i] for i in gid.tolist()], gid, per_row[:, 0],
+                     group_columns={"generated": generated.astype(np.float64)},
+                     columns={"advantage": f[:m].astype(np.float64)},
+                     prompt_ids=pieces[:g], response_ids=pieces[g:],
+                     logprobs=[f[s:e].copy() for s, e in zip(fb[:-1], fb[1:], strict=True)])
 
 
-def redistribute(mine: Mapping[int, TrainRow], plan: Sequence[Transfer], rank: int
-                 ) -> tuple[list[int], list[TrainRow], int]:
+def redistribute(mine: StepBatch, first: int, plan: Sequence[Transfer], rank: int,
+                 records: Sequence[Record]) -> tuple[list[int], StepBatch, int]:
     """Collective over the ranks in ``plan``: send the rows this rank serves, receive
-    its share. ``mine``: this rank's engine rows by global index. Returns (the global
-    indices of this rank's rows, the rows in that order, bytes received)."""
+    its share. ``mine``: this rank's engine batch, whose row 0 is the step's response
+    ``first``; ``records``: the step's, by group index. Returns (the global indices of
+    this rank's rows, its share as one batch in that order, bytes received)."""
+    def rows(t: Transfer) -> StepBatch:
+        return mine.select(range(t.start - first, t.stop - first))
+
     outgoing = [t for t in plan if t.src == rank and t.dst != rank]
     incoming = [t for t in plan if t.dst == rank and t.src != rank]
-    payloads = {t: pack([mine[i] for i in range(t.start, t.stop)]) for t in outgoing}
+    payloads = {t: pack(rows(t)) for t in outgoing}
     sizes_out = {t: torch.tensor([payloads[t][0].numel(), payloads[t][1].numel()]) for t in outgoing}
     sizes_in = {t: torch.zeros(2, dtype=torch.int64) for t in incoming}
     _exchange(sizes_out, sizes_in, rank)
@@ -131,19 +122,27 @@ def redistribute(mine: Mapping[int, TrainRow], plan: Sequence[Transfer], rank: i
     for part in (0, 1):
         _exchange({t: payloads[t][part] for t in outgoing},
                   {t: bufs_in[t][part] for t in incoming}, rank)
-    rows: dict[int, TrainRow] = {}
+    parts: list[tuple[int, StepBatch]] = []
     received = 0
-    for t in plan:
-        if t.dst != rank:
-            continue
+    for t in (t for t in plan if t.dst == rank):
         if t.src == rank:
-            rows.update({i: mine[i] for i in range(t.start, t.stop)})
+            parts.append((t.start, rows(t)))
             continue
         ints, floats = bufs_in[t]
         received += ints.numel() * 8 + floats.numel() * 4
-        rows.update(zip(range(t.start, t.stop), unpack(ints, floats), strict=True))
-    order = sorted(rows)
-    return order, [rows[i] for i in order], received
+        parts.append((t.start, unpack(ints, floats, records, mine.n)))
+    parts.sort(key=lambda p: p[0])
+    index = [i for t in sorted((t for t in plan if t.dst == rank), key=lambda t: t.start)
+             for i in range(t.start, t.stop)]
+    share = StepBatch.concat([p for _, p in parts]) if parts else mine.select([])
+    return index, share, received
+
+
+def gather_engines(layout: EngineLayout, t: torch.Tensor) -> list[torch.Tensor]:
+    """Collective: every engine's copy of ``t`` (same shape everywhere; the members of
+    an engine hold the same values), one per engine, from its leader."""
+    out = host_all_gather(t)
+    return [out[layout.leader(e)] for e in range(layout.num_engines)]
 
 
 def _exchange(out: Mapping[Transfer, torch.Tensor], into: Mapping[Transfer, torch.Tensor],

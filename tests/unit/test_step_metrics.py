@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sophiavl_mcore.trainer.grpo.step_data import answer_code, rollout_metrics
+from sophiavl_mcore.rollout.batch import StepBatch
+from sophiavl_mcore.trainer.grpo.metrics import rollout_metrics
+from sophiavl_mcore.trainer.grpo.step_data import answer_code
 
 
 def _reply(answer: str) -> str:
@@ -21,11 +23,10 @@ def _rollout_metrics(groups: list[list[str]]) -> dict[str, float]:
     n = len(groups[0])
     flat = [t for g in groups for t in g]
     columns = {"length": np.full(len(flat), 3.0), "truncated": np.zeros(len(flat)),
-               "answer": np.array([answer_code(t) for t in flat])}
-    scalars = SimpleNamespace(columns=columns, records=[None] * len(groups), n=n,
-                              engine_responses=np.array([len(flat)]))
+               "answer": np.array([answer_code(t) for t in flat]), "engine": np.zeros(len(flat))}
+    view = StepBatch.grouped(n, [None] * len(groups), range(len(groups)), columns=columns)
     layout = SimpleNamespace(num_engines=1)
-    return {k: v for k, v in rollout_metrics(scalars, layout).items() if "answer" in k}
+    return {k: v for k, v in rollout_metrics(view, layout).items() if "answer" in k}
 
 
 def test_collapsed_policy_shows_one_answer_per_group() -> None:
@@ -59,15 +60,21 @@ def test_thinking_metrics_overall_and_per_source_by_hand() -> None:
 
     from sophiavl_mcore.trainer.grpo.metrics import thinking_metrics
 
+    def view(thinking: np.ndarray) -> StepBatch:
+        records = [SimpleNamespace(data_source=s) for s in "chc"]
+        return StepBatch.grouped(
+            2, records, range(3), columns={"outcome": outcome, "thinking": thinking,
+                                           "true_quality": true_q},
+            group_columns={"gamma": np.array([1.0, g1, 1.0]), "mu_correct": np.array([0.8, 0.3, 0.5]),
+                           "mu_wrong": np.array([0.2, 0.9, np.nan]), "skipped": np.array([0, 0, 1.0])},
+            scalars={"reward/annealing": 0.5})
+
     # 3 groups of 2: c, h, c. Group 1 (hacked): the wrong reply thought better, gamma < 1.
     outcome = np.array([1, 0, 1, 0, 1, 1], dtype=float)
     thinking = np.array([0.8, 0.2, 0.3, 0.9, np.nan, 0.5])
     true_q = np.array([1, 1 / 3, 1, 1 / 3, np.nan, 1])
     g1 = math.exp(-0.6)
-    trust = SimpleNamespace(gamma=np.array([1.0, g1, 1.0]), mu_correct=np.array([0.8, 0.3, 0.5]),
-                            mu_wrong=np.array([0.2, 0.9, np.nan]), annealing=0.5,
-                            skipped=np.array([False, False, True]))
-    m = thinking_metrics(outcome, thinking, trust, 2, np.array(list("cchhcc")), true_q)
+    m = thinking_metrics(view(thinking))
     assert m["reward/thinking_mean"] == pytest.approx(0.54)
     assert m["reward/thinking_std"] == pytest.approx(math.sqrt(0.372 / 5))
     assert m["reward/thinking_scored_frac"] == pytest.approx(5 / 6)
@@ -87,5 +94,5 @@ def test_thinking_metrics_overall_and_per_source_by_hand() -> None:
     assert m[c + "trm_true_corr"] == pytest.approx(math.sqrt(3) / 2)
     assert m[h + "trm_true_corr"] == pytest.approx(-1.0)  # the hacked TRM ranks backwards
     # A constant thinking reward shows as zero spread.
-    flat = thinking_metrics(outcome, np.full(6, 0.7), trust, 2)
+    flat = thinking_metrics(view(np.full(6, 0.7)), by_source=False)
     assert flat["reward/thinking_std"] < 1e-12 and not any("source" in k for k in flat)

@@ -12,6 +12,7 @@ from sophiavl_mcore.data.records import Record
 from sophiavl_mcore.rewards.config import RewardsConfig
 from sophiavl_mcore.rewards.stage import score_groups
 from sophiavl_mcore.rewards.thinking import ThinkingRequest, ThinkingRewardClient, ThinkingScores
+from sophiavl_mcore.rollout.batch import StepBatch
 
 A = "<think>2 dots</think><answer>2</answer>"
 B = "<think>1 dots</think><answer>1</answer>"
@@ -38,11 +39,13 @@ def test_each_distinct_reply_of_a_group_is_asked_once_and_every_copy_scored() ->
     texts = [[A, A, B, A], [A, C, C, B]]  # group 1 repeats A too: asked again (other image)
     images = [object(), object()]
     client = _Recording()
-    out = score_groups(records, texts, images, client, RewardsConfig(), step=0, total_steps=10)
+    batch = StepBatch.grouped(4, records, [0, 1], texts=[t for g in texts for t in g],
+                              images=images, group_columns={"generated": np.ones(2)})
+    score_groups(batch, client, RewardsConfig(), step=0, total_steps=10)
     assert sorted(client.asked) == sorted([
         ("How many dots? (0)", A, id(images[0])), ("How many dots? (0)", B, id(images[0])),
         ("How many dots? (1)", A, id(images[1])), ("How many dots? (1)", C, id(images[1])),
         ("How many dots? (1)", B, id(images[1]))])
-    np.testing.assert_allclose(out.thinking, [0.9, 0.9, 0.2, 0.9, 0.9, 0.5, 0.5, 0.2], atol=1e-6)
-    assert out.trm_metrics["reward/trm_requests"] == 5
-    assert out.trm_metrics["reward/trm_repeats_frac"] == 1 - 5 / 8
+    np.testing.assert_allclose(batch.columns["thinking"], [0.9, 0.9, 0.2, 0.9, 0.9, 0.5, 0.5, 0.2], atol=1e-6)
+    assert batch.scalars["reward/trm_requests"] == 5
+    assert batch.scalars["reward/trm_repeats_frac"] == 1 - 5 / 8

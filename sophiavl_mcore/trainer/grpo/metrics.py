@@ -11,8 +11,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from sophiavl_mcore.logging import MetricsWriter
-    from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult
-    from sophiavl_mcore.trainer.grpo.step_data import SampleView, StepScalars
+    from sophiavl_mcore.rollout.batch import StepBatch
+    from sophiavl_mcore.rollout.layout import EngineLayout
 
 CONSOLE_KEYS = ("reward/outcome_mean", "reward/thinking_mean", "reward/total_mean",
                 "reward/gamma_mean", "train/kl", "train/entropy", "train/clip_fraction",
@@ -67,37 +67,65 @@ def _stats(prefix: str, x: np.ndarray) -> dict[str, float]:
             f"{prefix}_min": float(x.min()), f"{prefix}_max": float(x.max())}
 
 
-def reward_metrics(roll: StepScalars, trust: TrustGRPOResult, advantages: np.ndarray,
-                   true_quality: np.ndarray | None = None) -> dict[str, float]:
-    """Rewards per problem type, outcome vs thinking, γ, annealing, advantages, and the
-    thinking / trust metrics of :func:`thinking_metrics` per data source.
+def step_metrics(view: StepBatch, layout: EngineLayout) -> dict[str, float]:
+    """Every metric the step's columns give (:func:`reward_metrics`,
+    :func:`rollout_metrics`); ``view``: the whole step's generated responses
+    (:func:`~sophiavl_mcore.trainer.grpo.step_data.gather_step`)."""
+    return {**reward_metrics(view), **rollout_metrics(view, layout)}
 
-    ``roll``: the step's :class:`~sophiavl_mcore.trainer.grpo.step_data.StepScalars`; ``trust``: the
-    :class:`~sophiavl_mcore.rewards.trust_grpo.TrustGRPOResult` of the step;
-    ``true_quality``: f64[N] oracle thinking quality when the task has one (NaN = none).
-    """
+
+def reward_metrics(view: StepBatch) -> dict[str, float]:
+    """Rewards per problem type, outcome vs thinking, γ, annealing, advantages, and the
+    thinking / trust metrics of :func:`thinking_metrics` per data source, plus the TRM
+    client's counters (``view.scalars``)."""
+    c = view.columns
     out: dict[str, float] = {}
-    outcome, total = roll.outcome, trust.reward
+    outcome, total, advantages = c["outcome"], c["reward"], c["advantage"]
     out.update(_stats("reward/outcome", outcome))
     out.update(_stats("reward/total", total))
-    out["reward/accuracy_mean"] = float(np.mean(roll.accuracy))
-    out["reward/format_ok_frac"] = float(np.mean(roll.well_formed))
-    formed = np.asarray(roll.well_formed, dtype=bool)
+    out["reward/accuracy_mean"] = float(np.mean(c["accuracy"]))
+    out["reward/format_ok_frac"] = float(np.mean(c["well_formed"]))
+    formed = np.asarray(c["well_formed"], dtype=bool)
     if formed.any():  # learning to answer, told apart from learning the format
-        out["reward/accuracy_well_formed"] = float(np.mean(roll.accuracy[formed]))
-    n = len(outcome) // max(len(roll.records), 1)
-    types = np.repeat([r.problem_type for r in roll.records], n)
-    for t in sorted(set(types)):
+        out["reward/accuracy_well_formed"] = float(np.mean(c["accuracy"][formed]))
+    types = np.array([view.records[g].problem_type for g in view.group_of.tolist()])
+    for t in sorted(set(types.tolist())):
         key = t.replace(" ", "_")
         out[f"reward/{key}/outcome_mean"] = float(outcome[types == t].mean())
         out[f"reward/{key}/outcome_std"] = float(outcome[types == t].std())
         out[f"reward/{key}/total_mean"] = float(total[types == t].mean())
-    sources = np.repeat([r.data_source for r in roll.records], n)
-    out.update(thinking_metrics(outcome, roll.thinking, trust, n, sources, true_quality))
+    out.update(thinking_metrics(view))
     out.update(_stats("reward/advantage", advantages))
     out["reward/advantage_zero_frac"] = float((np.abs(advantages) < 1e-9).mean())
-    out.update(roll.trm_metrics)
+    out.update({k: v for k, v in view.scalars.items() if k != "reward/annealing"})
     out.setdefault("reward/trm_failures", 0.0)
+    return out
+
+
+def rollout_metrics(view: StepBatch, layout: EngineLayout) -> dict[str, float]:
+    """Response lengths (tokens), truncations, answer diversity, engines; ``view`` needs
+    the columns ``length``, ``truncated``, ``answer``, ``engine``."""
+    c = view.columns
+    lens = c["length"]
+    per_engine = np.bincount(c["engine"].astype(np.int64), minlength=layout.num_engines)
+    out = {"rollout/engines": float(layout.num_engines), "rollout/prompts": float(view.num_groups),
+           "rollout/responses": float(lens.size),
+           "rollout/engine_responses_min": float(per_engine.min()),
+           "rollout/engine_responses_max": float(per_engine.max())}
+    if lens.size:
+        out.update({"rollout/response_len_mean": float(lens.mean()),
+                    "rollout/response_len_std": float(lens.std()),
+                    "rollout/response_len_min": float(lens.min()),
+                    "rollout/response_len_max": float(lens.max()),
+                    "rollout/truncated_frac": float(c["truncated"].mean())})
+    answers = c["answer"]
+    formed = answers[answers >= 0]
+    if formed.size:
+        _, counts = np.unique(formed, return_counts=True)
+        out["rollout/answer_top_frac"] = float(counts.max() / formed.size)
+        groups = [answers[view.group_of == g] for g in range(view.num_groups)]
+        out["rollout/answer_distinct"] = float(np.mean(
+            [len(set(a[a >= 0].tolist())) for a in groups if (a >= 0).any()]))
     return out
 
 
@@ -125,78 +153,77 @@ def _thinking_block(prefix: str, outcome: np.ndarray, thinking: np.ndarray, gamm
     return out
 
 
-def thinking_metrics(outcome: np.ndarray, thinking: np.ndarray, trust: TrustGRPOResult,
-                     group_size: int,
-                     sources: np.ndarray | None = None, true_quality: np.ndarray | None = None
-                     ) -> dict[str, float]:
+def thinking_metrics(view: StepBatch, by_source: bool = True) -> dict[str, float]:
     """Thinking reward and trust metrics of one step, overall and per data source.
 
-    Args:
-        outcome: f64[N] outcome rewards R^o, groups of ``group_size`` consecutive responses.
-        thinking: f64[N] TRM scores (NaN = not scored).
-        trust: the step's TrustGRPOResult (``gamma``, ``mu_correct``, ``mu_wrong`` [G],
-            ``annealing``; ``skipped`` [G] when present).
-        sources: [N] data-source label per response (the group's label is its first
-            member's); None = no per-source metrics.
-        true_quality: f64[N] oracle thinking quality (NaN = unknown) or None.
+    ``view``: the step's columns ``outcome`` (R^o), ``thinking`` (TRM scores, NaN = not
+    scored), optionally ``true_quality`` (the task's, NaN = unknown; all NaN = the task
+    has none) [N]; group columns ``gamma``, ``mu_correct``, ``mu_wrong``, ``skipped``
+    [G]; scalar ``reward/annealing``; each group's data source is its record's.
 
-    Returns ``reward/<name>`` overall and ``reward/source/<label>/<name>`` per source, for
-    names ``thinking_mean``/``thinking_std`` (over scored responses), ``thinking_scored_frac``,
-    ``gamma_mean``/``gamma_lt1_frac`` (over groups), ``mu_gap_mean`` (μc − μw over groups
-    with both), ``paired_groups``, ``thinking_true_mean`` and ``trm_true_corr`` (Pearson
-    correlation of TRM score and true quality) with ``true_quality``; plus
-    ``reward/annealing`` and ``reward/skipped_groups_frac``.
+    Returns ``reward/<name>`` overall and, with ``by_source``,
+    ``reward/source/<label>/<name>`` per source, for names ``thinking_mean``/
+    ``thinking_std`` (over scored responses), ``thinking_scored_frac``,
+    ``gamma_mean``/``gamma_lt1_frac`` (over groups), ``mu_gap_mean`` (μc − μw over
+    groups with both), ``paired_groups``, ``thinking_true_mean`` and ``trm_true_corr``
+    (Pearson correlation of TRM score and true quality) where the task has a true
+    quality; plus ``reward/annealing`` and ``reward/skipped_groups_frac``.
     """
-    outcome = np.asarray(outcome, dtype=np.float64)
-    thinking = np.asarray(thinking, dtype=np.float64)
-    gamma = np.asarray(trust.gamma, dtype=np.float64)
-    gap = np.asarray(trust.mu_correct, dtype=np.float64) - np.asarray(trust.mu_wrong,
-                                                                      dtype=np.float64)
-    tq = None if true_quality is None else np.asarray(true_quality, dtype=np.float64)
+    c, gc = view.columns, view.group_columns
+    outcome, thinking = c["outcome"], c["thinking"]
+    gamma, gap = gc["gamma"], gc["mu_correct"] - gc["mu_wrong"]
+    tq = c.get("true_quality")
+    tq = tq if tq is not None and np.isfinite(tq).any() else None
     out = _thinking_block("reward", outcome, thinking, gamma, gap, tq)
     out.pop("reward/outcome_mean")  # the overall one comes with its std etc. (_stats)
-    out["reward/annealing"] = float(trust.annealing)
-    skipped = getattr(trust, "skipped", None)
+    out["reward/annealing"] = float(view.scalars.get("reward/annealing", 1.0))
+    skipped = gc.get("skipped")
     out["reward/skipped_groups_frac"] = (float(np.mean(skipped)) if skipped is not None
                                          and len(skipped) else 0.0)
-    if sources is None:
+    if not by_source:
         return out
-    sources = np.asarray(sources)
-    group_sources = sources[::group_size][:len(gamma)]
-    for label in sorted(set(sources.tolist())):
+    group_sources = np.array([r.data_source for r in view.records])
+    sources = group_sources[view.group_of]
+    for label in sorted(set(group_sources.tolist())):
         r, g = sources == label, group_sources == label
         out.update(_thinking_block(f"reward/source/{label}", outcome[r], thinking[r], gamma[g],
                                    gap[g], None if tq is None else tq[r]))
     return out
 
 
-def sample_text(roll: SampleView, k: int = 4) -> str:
+def sample_text(sample: StepBatch, k: int = 4) -> str:
     """Markdown of the first ``k`` responses of the first group, with their rewards."""
-    if not roll.responses:
+    if not sample.num_groups:
         return ""
-    r = roll.records[0]
+    r = sample.records[0]
     lines = [f"**{r.problem_id}** gold `{r.answer}`: {r.problem}", ""]
-    for j, s in enumerate(roll.responses[0][:k]):
-        lines.append(f"- R^o={roll.outcome[j]:.2f} R^t={roll.thinking[j]:.2f}: `{s['text'][:300]}`")
+    first = np.flatnonzero(sample.group_of == 0)[:k]
+    for j in first.tolist():
+        lines.append(f"- R^o={sample.columns['outcome'][j]:.2f} "
+                     f"R^t={sample.columns['thinking'][j]:.2f}: `{sample.texts[j][:300]}`")
     return "\n".join(lines)
 
 
-def log_step(writer: MetricsWriter, step: int, metrics: dict[str, float], roll: StepScalars,
-             trust: TrustGRPOResult, samples_every: int, samples: SampleView | None = None
-             ) -> None:
+def first_generated_group(batch: StepBatch) -> StepBatch:
+    """The first generated group of an engine's batch (none: an empty batch), the one the
+    TensorBoard sample text/image shows."""
+    generated = np.flatnonzero(batch.group_columns["generated"] > 0)
+    return batch.select_groups(generated[:1].tolist())
+
+
+def log_step(writer: MetricsWriter, step: int, metrics: dict[str, float], view: StepBatch,
+             samples_every: int, sample: StepBatch) -> None:
     """Scalars + γ histograms (all groups, and per data source) every step; every
-    ``samples_every`` steps (0 = never) the first group's responses as text and the first
-    prompt's image. ``roll``: the step's groups (``records``, one per group);
-    ``samples``: where the shown group comes from (default ``roll``)."""
+    ``samples_every`` steps (0 = never) ``sample``'s first group's responses as text and
+    its image. ``view``: the step's generated groups (:func:`step_metrics`'s)."""
     writer.log(step, metrics)
-    writer.add_histogram(step, "reward/gamma_hist", np.asarray(trust.gamma))
-    sources = np.array([r.data_source for r in roll.records])  # one per group
+    gamma = view.group_columns["gamma"]
+    writer.add_histogram(step, "reward/gamma_hist", gamma)
+    sources = np.array([r.data_source for r in view.records])  # one per group
     for label in sorted(set(sources.tolist())):
-        gamma = np.asarray(trust.gamma)[:len(sources)][sources == label]
-        if gamma.size:
-            writer.add_histogram(step, f"reward/source/{label}/gamma_hist", gamma)
-    shown = roll if samples is None else samples
+        if (sources == label).any():
+            writer.add_histogram(step, f"reward/source/{label}/gamma_hist", gamma[sources == label])
     if samples_every and step % samples_every == 0:
-        writer.add_text(step, "rollout/samples", sample_text(shown))
-        if shown.images and shown.images[0] is not None:
-            writer.add_image(step, "rollout/sample_image", shown.images[0].convert("RGB"))
+        writer.add_text(step, "rollout/samples", sample_text(sample))
+        if sample.images and sample.images[0] is not None:
+            writer.add_image(step, "rollout/sample_image", sample.images[0].convert("RGB"))

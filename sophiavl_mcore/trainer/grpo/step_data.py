@@ -1,5 +1,6 @@
-"""One step's data between the engines and the trainer: what an engine produced, the
-scalars every rank agrees on for metrics, and this rank's training batch.
+"""One step's :class:`~sophiavl_mcore.rollout.batch.StepBatch` at its three stations:
+the requests and the engine batch an engine's answers make, the whole step's columns
+every rank agrees on (for metrics), and a data-parallel share as model inputs.
 
 Shapes: an engine answers ``G_e`` prompts × ``n`` samples = ``M_e`` responses; the step
 has ``G = E·G_e`` prompts and ``N = G·n`` responses, group-major, engine-major.
@@ -7,82 +8,78 @@ has ``G = E·G_e`` prompts and ``N = G·n`` responses, group-major, engine-major
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import zlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from sophiavl_mcore.data.records import Record
-from sophiavl_mcore.parallel.collectives import host_all_gather, host_all_gather_object
-from sophiavl_mcore.rewards.stage import GroupScores
-from sophiavl_mcore.rewards.trust_grpo import TrustGRPOResult
-from sophiavl_mcore.rollout.exchange import TrainRow
-from sophiavl_mcore.rollout.interface import RolloutResult
+from sophiavl_mcore.parallel.collectives import host_all_gather_object
+from sophiavl_mcore.rollout.batch import StepBatch, is_counter
+from sophiavl_mcore.rollout.exchange import gather_engines
+from sophiavl_mcore.rollout.interface import RolloutRequest, RolloutResult
 from sophiavl_mcore.rollout.layout import EngineLayout
 from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from sophiavl_mcore.data.config import PromptConfig
     from sophiavl_mcore.data.images import ImageBatch
 
-#: The task's true thinking quality of an engine's replies, f64 [M_e] (NaN = unknown).
-QualityOracle = Callable[["EngineRollout"], np.ndarray]
+logger = logging.getLogger(__name__)
+
+#: The task's true thinking quality of a batch's replies, f64 [M] (NaN = unknown).
+QualityOracle = Callable[[StepBatch], np.ndarray]
 
 
-@dataclasses.dataclass
-class EngineRollout:
-    """This rank's engine's share of the step.
+def build_requests(records: Sequence[Record], images: ImageBatch, tokenizer: Any,
+                   prompt: PromptConfig, dropped: str) -> tuple[list[RolloutRequest], list[int],
+                                                              list[Image.Image | None]]:
+    """Engine requests for ``records`` (``images``: their decoded images, in order):
+    (requests, the indices of the records they ask for, the PIL image per record or
+    None). A record whose image could not be loaded is left out with a warning ending
+    in ``dropped`` (what happens to it)."""
+    from sophiavl_mcore.data.prompts import build_prompt
 
-    ``first_group``: index of ``records[0]`` in the step; ``results[g]`` is None for a
-    prompt dropped before generation (its image could not be loaded); ``images``: the
-    PIL image per prompt (or None).
-    """
-
-    first_group: int
-    records: list[Record]
-    results: list[RolloutResult | None]
-    images: list[Image.Image | None]
-    n: int
-
-    def texts(self) -> list[list[str]]:
-        return [[s.text for s in r.samples] if r is not None else [""] * self.n
-                for r in self.results]
-
-    @property
-    def responses(self) -> list[list[dict[str, str]]]:
-        """Texts per group as ``[{"text": …}]`` (what the task's thinking oracle reads)."""
-        return [[{"text": t} for t in group] for group in self.texts()]
-
-    def valid(self) -> np.ndarray:
-        """bool [M_e]: responses that were really generated."""
-        return np.repeat([r is not None for r in self.results], self.n)
-
-    def train_rows(self, advantages: np.ndarray, pad_id: int) -> dict[int, TrainRow]:
-        """This engine's responses as trainer rows, by global response index."""
-        rows = {}
-        for g, res in enumerate(self.results):
-            for j in range(self.n):
-                k = g * self.n + j
-                gid = self.first_group + g
-                if res is None:
-                    empty = np.asarray([pad_id], np.int64)
-                    rows[gid * self.n + j] = TrainRow(gid, empty, empty, np.zeros(1, np.float32), 0.0,
-                                                      valid=False)
-                    continue
-                s = res.samples[j]
-                rows[gid * self.n + j] = TrainRow(gid, res.prompt_token_ids, s.token_ids,
-                                                  np.nan_to_num(s.logprobs), float(advantages[k]))
-        return rows
+    pil: list[Image.Image | None] = [None] * len(records)
+    requests, keep = [], []
+    for i, r in enumerate(records):
+        image = pil[i] = images.vllm_image(i)
+        if r.image_path is not None and image is None:
+            logger.warning("record %s: image %s skipped (%s); %s", r.problem_id, r.image_path,
+                           images.skipped.get(i, "unknown"), dropped)
+            continue
+        keep.append(i)
+        requests.append(RolloutRequest(prompt=build_prompt(r, tokenizer, prompt),
+                                       images=[image] if image is not None else []))
+    return requests, keep, pil
 
 
-# Per-response columns every rank gathers for metrics (float64).
-RESPONSE_COLUMNS = ("valid", "outcome", "accuracy", "well_formed", "thinking", "reward",
-                    "advantage", "length", "truncated", "answer", "true_quality")
-GROUP_COLUMNS = ("gamma", "mu_correct", "mu_wrong", "skipped")
+def engine_batch(first_group: int, records: list[Record], results: Sequence[RolloutResult | None],
+                 images: list[Any], n: int, pad_id: int) -> StepBatch:
+    """An engine's answers as a group-major batch. ``results[g]`` None: the prompt was
+    dropped before generation — its ``n`` rows hold one pad token and are never trained."""
+    empty = np.asarray([pad_id], np.int64)
+    prompts, responses, logprobs, texts, lengths, truncated = [], [], [], [], [], []
+    for res in results:
+        prompts.append(res.prompt_token_ids if res is not None else empty)
+        for j in range(n):
+            s = res.samples[j] if res is not None else None
+            responses.append(s.token_ids if s is not None else empty)
+            logprobs.append(np.nan_to_num(s.logprobs) if s is not None else np.zeros(1, np.float32))
+            texts.append(s.text if s is not None else "")
+            lengths.append(len(s.token_ids) if s is not None else 0)
+            truncated.append(float(s is not None and s.finish_reason == "length"))
+    generated = np.asarray([r is not None for r in results], np.float64)
+    return StepBatch.grouped(
+        n, records, np.arange(first_group, first_group + len(records)),
+        group_columns={"generated": generated},
+        columns={"length": np.asarray(lengths, np.float64), "truncated": np.asarray(truncated)},
+        images=images, prompt_ids=prompts, response_ids=responses, logprobs=logprobs, texts=texts)
 
 
 def answer_code(text: str) -> float:
@@ -94,93 +91,39 @@ def answer_code(text: str) -> float:
     return float(zlib.crc32(p.answer.strip().encode())) if p.well_formed else -1.0
 
 
-def engine_columns(roll: EngineRollout, scores: GroupScores, oracle: QualityOracle | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(f64 [M_e, len(RESPONSE_COLUMNS)], f64 [G_e, len(GROUP_COLUMNS)]); ``oracle``: the
-    task's true thinking quality of a rollout's replies (NaN column without one)."""
-    lens, trunc, answers = [], [], []
-    for res in roll.results:
-        for j in range(roll.n):
-            s = res.samples[j] if res is not None else None
-            lens.append(len(s.token_ids) if s is not None else 0)
-            trunc.append(float(s is not None and s.finish_reason == "length"))
-            answers.append(answer_code(s.text) if s is not None else -1.0)
-    resp = np.stack([roll.valid().astype(np.float64), scores.outcome, scores.accuracy,
-                     scores.well_formed, scores.thinking, scores.trust.reward, scores.advantages,
-                     np.asarray(lens, np.float64), np.asarray(trunc), np.asarray(answers),
-                     oracle(roll) if oracle is not None else np.full(len(lens), np.nan)], axis=1)
-    t = scores.trust
-    skipped = np.zeros(len(t.gamma)) if t.skipped is None else np.asarray(t.skipped, np.float64)
-    groups = np.stack([t.gamma, t.mu_correct, t.mu_wrong, skipped], axis=1)
-    return resp, groups
+def gather_step(layout: EngineLayout, records: Sequence[Record], mine: StepBatch,
+                oracle: QualityOracle | None = None) -> StepBatch:
+    """Collective: the whole step's columns on every rank (engine leaders' copies), only
+    generated responses and groups, without tokens. Adds the columns ``answer``
+    (:func:`answer_code`), ``true_quality`` (``oracle``'s, NaN without one) and ``engine``
+    (the engine that sampled each response); scalars: counters summed over engines, the
+    rest averaged. ``records``: the step's, every engine's groups in order."""
+    columns = dict(mine.columns, generated=mine.generated.astype(np.float64),
+                   answer=np.asarray([answer_code(t) for t in mine.texts]),
+                   true_quality=oracle(mine) if oracle is not None else np.full(len(mine), np.nan))
+    names, gnames = sorted(columns), sorted(mine.group_columns)
+    local = np.concatenate([np.stack([columns[c] for c in names], axis=1).reshape(-1),
+                            np.stack([mine.group_columns[c] for c in gnames], axis=1).reshape(-1)])
+    split = len(mine) * len(names)
+    parts = gather_engines(layout, torch.from_numpy(local))
+    resp = np.concatenate([p[:split].numpy().reshape(len(mine), -1) for p in parts])
+    groups = np.concatenate([p[split:].numpy().reshape(mine.num_groups, -1) for p in parts])
+    engine = np.repeat(np.arange(layout.num_engines, dtype=np.float64), len(mine))
+    step = StepBatch.grouped(mine.n, list(records), np.arange(len(records)),
+                             group_columns={c: groups[:, i] for i, c in enumerate(gnames)},
+                             columns={**{c: resp[:, i] for i, c in enumerate(names)},
+                                      "engine": engine},
+                             scalars=merge_scalars(gather_scalars(layout, mine.scalars)))
+    return step.select(np.flatnonzero(step.columns["generated"] > 0))
 
 
-@dataclasses.dataclass
-class StepScalars:
-    """The whole step's per-response and per-group scalars (every rank, same values);
-    only generated responses/groups are kept."""
-
-    records: list[Record]
-    n: int
-    columns: dict[str, np.ndarray]
-    trust: TrustGRPOResult
-    trm_metrics: dict[str, float]
-    engine_responses: np.ndarray  # responses each engine generated [E]
-
-    # attribute view for trainer.metrics.reward_metrics
-    @property
-    def outcome(self) -> np.ndarray:
-        return self.columns["outcome"]
-
-    @property
-    def accuracy(self) -> np.ndarray:
-        return self.columns["accuracy"]
-
-    @property
-    def well_formed(self) -> np.ndarray:
-        return self.columns["well_formed"]
-
-    @property
-    def thinking(self) -> np.ndarray:
-        return self.columns["thinking"]
-
-    @property
-    def true_quality(self) -> np.ndarray | None:
-        """The task's true thinking quality per response (None: the task has none)."""
-        q = self.columns["true_quality"]
-        return q if np.isfinite(q).any() else None
+def gather_scalars(layout: EngineLayout, scalars: dict[str, float]) -> list[dict[str, float]]:
+    """Collective: each engine's ``scalars`` (its leader's), one dict per engine."""
+    out = host_all_gather_object(scalars)
+    return [out[layout.leader(e)] for e in range(layout.num_engines)]
 
 
-def gather_scalars(layout: EngineLayout, records: Sequence[Record], roll: EngineRollout,
-                   scores: GroupScores, oracle: QualityOracle | None = None) -> StepScalars:
-    """Collective: every engine's scalar columns on every rank (leaders' copies)."""
-    resp, groups = engine_columns(roll, scores, oracle)
-    both = torch.from_numpy(np.concatenate([resp.reshape(-1), groups.reshape(-1)]))
-    out = host_all_gather(both)
-    metrics = host_all_gather_object(scores.trm_metrics)
-    leaders = [layout.leader(e) for e in range(layout.num_engines)]
-    split = resp.size
-    all_resp = np.concatenate([out[r][:split].numpy().reshape(resp.shape) for r in leaders])
-    all_groups = np.concatenate([out[r][split:].numpy().reshape(groups.shape) for r in leaders])
-    keep = all_resp[:, 0] > 0
-    per_engine = keep.reshape(len(leaders), -1).sum(axis=1)
-    gkeep = keep.reshape(-1, roll.n).any(axis=1)
-    columns = {c: all_resp[keep, i] for i, c in enumerate(RESPONSE_COLUMNS)}
-    trust = TrustGRPOResult(reward=columns["reward"], gamma=all_groups[gkeep, 0],
-                            mu_correct=all_groups[gkeep, 1], mu_wrong=all_groups[gkeep, 2],
-                            annealing=scores.trust.annealing, num_groups=int(gkeep.sum()),
-                            skipped=all_groups[gkeep, 3] > 0)
-    kept_records = [r for r, k in zip(records, gkeep, strict=True) if k]
-    return StepScalars(kept_records, roll.n, columns, trust,
-                       _merge_trm([metrics[r] for r in leaders]), per_engine)
-
-
-def is_counter(metric: str) -> bool:
-    """TRM metrics that count (failures, requests sent): summed, not averaged."""
-    return "fail" in metric or metric.endswith("_requests")
-
-
-def _merge_trm(per_engine: Sequence[dict[str, float]]) -> dict[str, float]:
+def merge_scalars(per_engine: Sequence[dict[str, float]]) -> dict[str, float]:
     """Counters (``*fail*``, ``*_requests``) add up over engines; the rest is averaged."""
     keys = sorted({k for m in per_engine for k in m})
     out = {}
@@ -190,88 +133,40 @@ def _merge_trm(per_engine: Sequence[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def rollout_metrics(s: StepScalars, layout: EngineLayout) -> dict[str, float]:
-    """Response lengths (tokens), truncations, answer diversity, engines."""
-    c = s.columns
-    lens = c["length"]
-    out = {"rollout/engines": float(layout.num_engines), "rollout/prompts": float(len(s.records)),
-           "rollout/responses": float(lens.size),
-           "rollout/engine_responses_min": float(s.engine_responses.min()),
-           "rollout/engine_responses_max": float(s.engine_responses.max())}
-    if lens.size:
-        out.update({"rollout/response_len_mean": float(lens.mean()),
-                    "rollout/response_len_std": float(lens.std()),
-                    "rollout/response_len_min": float(lens.min()),
-                    "rollout/response_len_max": float(lens.max()),
-                    "rollout/truncated_frac": float(c["truncated"].mean())})
-    answers = c["answer"].reshape(-1, s.n)
-    formed = answers[answers >= 0]
-    if formed.size:
-        _, counts = np.unique(formed, return_counts=True)
-        out["rollout/answer_top_frac"] = float(counts.max() / formed.size)
-        out["rollout/answer_distinct"] = float(np.mean(
-            [len(set(g[g >= 0].tolist())) for g in answers if (g >= 0).any()]))
-    return out
-
-
-def local_batch(rows: Sequence[TrainRow], records: Sequence[Record], images: ImageBatch,
-                image_rows: dict[int, int], vision_ids: torch.Tensor, pad_id: int,
-                biased_ids: Sequence[int] = ()) -> RolloutBatch:
-    """This rank's DP share as a :class:`RolloutBatch`. ``images``: an
-    :class:`~sophiavl_mcore.data.images.ImageBatch` holding the share's groups;
-    ``image_rows[group]``: that group's index in it."""
-    prompt_ids, response_ids, masks, lps, pvs, grids, groups, types, adv = ([] for _ in range(9))
-    per_group: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # one tensor object per group's image
-    for row in rows:
-        rid = torch.from_numpy(np.asarray(row.response_ids, np.int64))
+def to_rollout_batch(share: StepBatch, images: ImageBatch, vision_ids: torch.Tensor, pad_id: int,
+                     biased_ids: Sequence[int] = ()) -> RolloutBatch:
+    """A data-parallel share as model inputs. ``images``: the share's groups' images,
+    group ``g`` of ``share`` at row ``g``."""
+    prompt_ids, response_ids, masks, lps, pvs, grids = ([] for _ in range(6))
+    generated = share.generated
+    per_group = [_group_image(images, g) if share.group_columns["generated"][g] > 0 else (None, None)
+                 for g in range(share.num_groups)]  # one tensor object per group's image
+    for k, g in enumerate(share.group_of.tolist()):
+        rid = torch.from_numpy(np.asarray(share.response_ids[k], np.int64))
         # A sampled vision token would read as an image slot without an image (M-RoPE /
         # vision merge): feed a pad there and leave it out of the loss.
         bad = torch.isin(rid, vision_ids)
         if rid.numel() == 0:  # an empty reply still needs one scored position
             rid, bad = torch.tensor([pad_id]), torch.tensor([True])
-        prompt_ids.append(torch.from_numpy(np.asarray(row.prompt_ids, np.int64)))
+        prompt_ids.append(torch.from_numpy(np.asarray(share.prompt_ids[g], np.int64)))
         response_ids.append(torch.where(bad, pad_id, rid))
-        masks.append(~bad if row.valid else torch.zeros_like(bad))
-        lp = np.asarray(row.logprobs, np.float32)
+        masks.append(~bad if generated[k] else torch.zeros_like(bad))
+        lp = np.asarray(share.logprobs[k], np.float32)
         lps.append(torch.from_numpy(lp if lp.size == rid.numel() else np.zeros(rid.numel(), np.float32)))
-        if row.group not in per_group:
-            per_group[row.group] = _group_image(images, image_rows.get(row.group) if row.valid else None)
-        pvs.append(per_group[row.group][0])
-        grids.append(per_group[row.group][1])
-        groups.append(row.group)
-        types.append(records[row.group].problem_type)
-        adv.append(row.advantage)
-    return RolloutBatch(prompt_ids, response_ids, torch.tensor(adv, dtype=torch.float32),
-                        torch.tensor(groups), types, response_mask=masks, rollout_logprobs=lps,
-                        pixel_values=pvs, image_grid_thw=grids, pad_id=pad_id,
+        pvs.append(per_group[g][0])
+        grids.append(per_group[g][1])
+    return RolloutBatch(prompt_ids, response_ids,
+                        torch.tensor(share.columns["advantage"], dtype=torch.float32),
+                        torch.from_numpy(share.group_id[share.group_of]),
+                        [share.records[g].problem_type for g in share.group_of.tolist()],
+                        response_mask=masks, rollout_logprobs=lps, pixel_values=pvs,
+                        image_grid_thw=grids, pad_id=pad_id,
                         biased_ids=tuple(int(i) for i in biased_ids))
 
 
-def _group_image(images: ImageBatch, i: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    row = images.image_index[i] if i is not None else None
+def _group_image(images: ImageBatch, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    row = images.image_index[i]
     if row is None:
         return None, None
     return (images.pixel_values[images.patch_slice(i)].clone(),
             images.image_grid_thw[row:row + 1].clone())
-
-
-@dataclasses.dataclass
-class SampleView:
-    """The first group of this rank's engine in the shape
-    :func:`~sophiavl_mcore.trainer.grpo.metrics.log_step` shows (text + image)."""
-
-    records: list[Record]
-    responses: list[list[dict[str, str]]]
-    outcome: np.ndarray
-    thinking: np.ndarray
-    images: list[Image.Image | None]
-
-    @classmethod
-    def of(cls, roll: EngineRollout, scores: GroupScores) -> SampleView:
-        first = next((g for g, r in enumerate(roll.results) if r is not None), None)
-        if first is None:
-            return cls([], [], np.zeros(0), np.zeros(0), [])
-        k = slice(first * roll.n, (first + 1) * roll.n)
-        texts = [{"text": s.text} for s in roll.results[first].samples]
-        return cls([roll.records[first]], [texts], scores.outcome[k], scores.thinking[k],
-                   [roll.images[first]])

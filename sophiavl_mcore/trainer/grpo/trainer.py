@@ -24,22 +24,20 @@ import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
 from sophiavl_mcore.parallel.collectives import host_all_gather, host_all_reduce
-from sophiavl_mcore.rewards.stage import GroupScores, score_groups
+from sophiavl_mcore.rewards.stage import score_groups
+from sophiavl_mcore.rollout.batch import StepBatch
 from sophiavl_mcore.rollout.exchange import plan_transfers, redistribute
-from sophiavl_mcore.rollout.interface import RolloutRequest, RolloutResult
+from sophiavl_mcore.rollout.interface import RolloutResult
 from sophiavl_mcore.rollout.layout import EngineLayout
 from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
-from sophiavl_mcore.trainer.grpo.step_data import (
-    EngineRollout,
-    local_batch,
-)
+from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
+from sophiavl_mcore.trainer.grpo.step_data import build_requests, engine_batch, to_rollout_batch
 from sophiavl_mcore.trainer.setup import model_dir
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import MegatronOptimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from PIL import Image
     from torch.distributed import ProcessGroup
     from transformers import PreTrainedTokenizerBase
 
@@ -53,7 +51,6 @@ if TYPE_CHECKING:
     from sophiavl_mcore.trainer.grpo.config import GRPOLossConfig
     from sophiavl_mcore.trainer.grpo.metrics import PhaseTimer
     from sophiavl_mcore.trainer.grpo.reference_model import ReferenceModel
-    from sophiavl_mcore.trainer.grpo.rollout_batch import RolloutBatch
     from sophiavl_mcore.weight_sync.megatron_sync import MegatronWeightSync
 
 logger = logging.getLogger(__name__)
@@ -92,26 +89,16 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ rollout
 
     def rollout(self, records: list[Record], step: int, *, active: bool = True,
-                round_index: int = 0) -> EngineRollout:
+                round_index: int = 0) -> StepBatch:
         """This rank's engine answers its slice of ``records`` (``n`` samples each);
-        ``active=False``: the engine sits this round out (results all None)."""
-        from sophiavl_mcore.data.prompts import build_prompt
-
+        ``active=False``: the engine sits this round out (no group generated)."""
         self.engine.wake_up()  # GPU: weights and KV cache back from sleep (no-op on CPU)
         span = self.layout.prompt_range(self.engine_index)
         mine = records[span.start:span.stop]
-        batch = self.image_loader.load([r.image_path for r in mine] if active else [])
-        images: list[Image.Image | None] = [None] * len(mine)
-        requests, keep = [], []
-        for i, r in enumerate(mine if active else []):
-            image = images[i] = batch.vllm_image(i)
-            if r.image_path is not None and image is None:
-                logger.warning("record %s: image %s skipped (%s); its group is not trained",
-                               r.problem_id, r.image_path, batch.skipped.get(i, "unknown"))
-                continue
-            keep.append(i)
-            requests.append(RolloutRequest(prompt=build_prompt(r, self.tokenizer, self.cfg.prompt),
-                                           images=[image] if image is not None else []))
+        loaded = self.image_loader.load([r.image_path for r in mine] if active else [])
+        requests, keep, images = build_requests(mine if active else [], loaded, self.tokenizer,
+                                                self.cfg.prompt, "its group is not trained")
+        images += [None] * (len(mine) - len(images))
         sampling = self.cfg.rollout.sampling
         if sampling.seed is not None:  # a fresh, reproducible stream per step and engine
             sampling = dataclasses.replace(sampling, seed=sampling.seed + 100_003 * step
@@ -119,13 +106,14 @@ class GRPOTrainer:
         results: list[RolloutResult | None] = [None] * len(mine)
         for i, res in zip(keep, self.engine.generate(requests, sampling), strict=True):
             results[i] = res
-        return EngineRollout(span.start, mine, results, images, sampling.n)
+        return engine_batch(span.start, mine, results, images, sampling.n, self.pad_id)
 
     # ------------------------------------------------------------------ score
 
-    def score(self, roll: EngineRollout, step: int) -> GroupScores:
-        """R^o, R^t, Trust-GRPO and advantages of this engine's groups. With RTP > 1 only
-        the engine's leader asks the TRM and broadcasts R^t to the engine's other ranks —
+    def score(self, batch: StepBatch, step: int) -> None:
+        """Adds R^o, R^t, Trust-GRPO and advantages to this engine's ``batch``
+        (:func:`~sophiavl_mcore.rewards.stage.score_groups`). With RTP > 1 only the
+        engine's leader asks the TRM and broadcasts R^t to the engine's other ranks —
         unless the client's scoring is collective over the engine's ranks
         (:attr:`~sophiavl_mcore.rewards.thinking.ThinkingRewardClient.collective`)."""
         leader = self.layout.leader(self.engine_index)
@@ -137,34 +125,30 @@ class GRPOTrainer:
             return t.numpy()
 
         ask = self.trm if (not shared or self.info.rank == leader) else None
-        scores = score_groups(roll.records, roll.texts(), roll.images, ask, self.cfg.rewards,
-                              step=step - 1, total_steps=self.cfg.train.total_steps,
-                              agree=agree if shared else None)
-        scores.advantages[~roll.valid()] = 0.0
-        return scores
+        score_groups(batch, ask, self.cfg.rewards, step=step - 1,
+                     total_steps=self.cfg.train.total_steps, agree=agree if shared else None)
 
     # ------------------------------------------------------------------ exchange + update
 
-    def exchange(self, roll: EngineRollout, scores: GroupScores, records: list[Record]
+    def exchange(self, batch: StepBatch, records: list[Record]
                  ) -> tuple[RolloutBatch, dict[str, float]]:
         """This rank's DP share of the step as a RolloutBatch, and what moved: bytes this
         rank received, and over the step the rows trained with their index sums (each
-        response exactly once ⇔ count N, Σi = N(N−1)/2, Σi² = (N−1)N(2N−1)/6)."""
+        response exactly once ⇔ count N, Σi = N(N−1)/2, Σi² = (N−1)N(2N−1)/6).
+        ``records``: the step's, every engine's groups in order."""
         gathered = host_all_gather(torch.tensor([self.info.dp_rank]))
         plan = plan_transfers(self.layout, [int(t) for t in gathered], self.info.dp)
-        index, rows, received = redistribute(roll.train_rows(scores.advantages, self.pad_id), plan,
-                                             self.info.rank)
-        groups = sorted({r.group for r in rows})
-        images = self.image_loader.load([records[g].image_path for g in groups])
+        first = self.layout.response_range(self.engine_index).start
+        index, share, received = redistribute(batch, first, plan, self.info.rank, records)
+        images = self.image_loader.load([r.image_path for r in share.records])
         forbidden = self.vision_ids.tolist() if self.cfg.rollout.sampling.forbid_vision_tokens else ()
-        batch = local_batch(rows, records, images, {g: i for i, g in enumerate(groups)},
-                            self.vision_ids, self.pad_id, forbidden)
+        local = to_rollout_batch(share, images, self.vision_ids, self.pad_id, forbidden)
         idx = np.asarray(index, dtype=np.float64)
         moved = torch.tensor([idx.size, idx.sum(), (idx ** 2).sum(), float(received)],
                              dtype=torch.float64)
         host_all_reduce(moved)
         replicas = self.info.tp * self.info.pp  # every rank of a DP replica holds its share
-        return batch, {"rollout/rows_trained": float(moved[0]) / replicas,
+        return local, {"rollout/rows_trained": float(moved[0]) / replicas,
                        "rollout/rows_index_sum": float(moved[1]) / replicas,
                        "rollout/rows_index_sumsq": float(moved[2]) / replicas,
                        "rollout/exchange_bytes_mean": float(moved[3]) / self.info.world_size,

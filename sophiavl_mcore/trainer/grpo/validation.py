@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from sophiavl_mcore.data.records import Record
-from sophiavl_mcore.parallel.collectives import host_all_gather
+from sophiavl_mcore.parallel.collectives import host_all_reduce
+from sophiavl_mcore.rollout.exchange import gather_engines
+from sophiavl_mcore.trainer.grpo.step_data import build_requests
 
 if TYPE_CHECKING:
     from sophiavl_mcore.trainer.grpo.trainer import GRPOTrainer
@@ -25,27 +28,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _answer_slice(trainer: GRPOTrainer, records: Sequence[Record]) -> tuple[range, np.ndarray]:
-    """This engine's records and per record [answered, accuracy, well_formed]."""
-    from sophiavl_mcore.data.prompts import build_prompt
+def _answer_slice(trainer: GRPOTrainer, records: Sequence[Record]) -> np.ndarray:
+    """Per record of this engine's slice (padded to ``ceil(len/E)`` rows): [answered,
+    accuracy, well_formed]."""
     from sophiavl_mcore.rewards.outcome import OutcomeSample, score_outcomes
-    from sophiavl_mcore.rollout.interface import RolloutRequest
 
     layout = trainer.layout
     per = math.ceil(len(records) / layout.num_engines)
     e = layout.engine_of(trainer.info.rank)
-    span = range(min(e * per, len(records)), min((e + 1) * per, len(records)))
+    mine = list(records[min(e * per, len(records)):min((e + 1) * per, len(records))])
     out = np.zeros((per, 3))
-    mine = [records[i] for i in span]
     images = trainer.image_loader.load([r.image_path for r in mine])
-    reqs, kept = [], []
-    for i, r in enumerate(mine):
-        img = images.vllm_image(i)
-        if r.image_path is not None and img is None:
-            continue
-        reqs.append(RolloutRequest(prompt=build_prompt(r, trainer.tokenizer, trainer.cfg.prompt),
-                                   images=[img] if img is not None else []))
-        kept.append(i)
+    reqs, kept, _ = build_requests(mine, images, trainer.tokenizer, trainer.cfg.prompt,
+                                   "left out of validation")
     greedy = dataclasses.replace(trainer.cfg.rollout.sampling, n=1, temperature=0.0, seed=0)
     trainer.engine.wake_up()  # asleep since the update (GPU: memory back from the trainer)
     results = trainer.engine.generate(reqs, greedy)
@@ -54,7 +49,7 @@ def _answer_slice(trainer: GRPOTrainer, records: Sequence[Record]) -> tuple[rang
                              for i, res in zip(kept, results, strict=True)])
     for j, i in enumerate(kept):
         out[i] = (1.0, scores.accuracy[j], scores.well_formed[j])
-    return span, out
+    return out
 
 
 def evaluate(trainer: GRPOTrainer, records: Sequence[Record]) -> dict[str, float]:
@@ -63,16 +58,14 @@ def evaluate(trainer: GRPOTrainer, records: Sequence[Record]) -> dict[str, float
     per = math.ceil(len(records) / layout.num_engines)
     failed = 0.0
     try:
-        _, local = _answer_slice(trainer, records)
+        local = _answer_slice(trainer, records)
     except Exception:  # a failed validation must not stop training
         logger.exception("validation failed on rank %d", trainer.info.rank)
         local, failed = np.zeros((per, 3)), 1.0
-    flat = torch.from_numpy(np.concatenate([local.reshape(-1), [failed]]))
-    out = host_all_gather(flat)
-    if any(float(t[-1]) for t in out):
+    if float(host_all_reduce(torch.tensor([failed]), op=dist.ReduceOp.MAX)):  # any rank
         return {"val/failed": 1.0}
-    rows = np.concatenate([out[layout.leader(e)][:-1].numpy().reshape(per, 3)
-                           for e in range(layout.num_engines)])[:len(records)]
+    parts = gather_engines(layout, torch.from_numpy(local.reshape(-1)))
+    rows = np.concatenate([t.numpy().reshape(per, 3) for t in parts])[:len(records)]
     answered = rows[:, 0] > 0
     kept = [r for r, a in zip(records, answered, strict=True) if a]
     return _per_type(kept, rows[answered, 1], rows[answered, 2])
