@@ -44,6 +44,13 @@ def is_counter(metric: str) -> bool:
     return "fail" in metric or metric.endswith("_requests")
 
 
+def _check_sizes(per: str, expected: int, fields: dict[str, Any]) -> None:
+    wrong = [f"{name} has {len(v)} entries" for name, v in fields.items()
+             if v is not None and len(v) != expected]
+    if wrong:
+        raise ValueError(f"StepBatch: {'; '.join(wrong)}, expected one per {per} ({expected})")
+
+
 def _take(values: list[Any] | None, idx: Sequence[int]) -> list[Any] | None:
     return None if values is None else [values[i] for i in idx]
 
@@ -73,18 +80,10 @@ class StepBatch:
         self.group_id = np.asarray(self.group_id, dtype=np.int64).reshape(-1)
         self.group_of = np.asarray(self.group_of, dtype=np.int64).reshape(-1)
         g, m = len(self.records), self.group_of.size
-        problems = [f"{name} has {len(v)} entries" for name, v in
-                    (("group_id", self.group_id), ("images", self.images),
-                     ("prompt_ids", self.prompt_ids), *self.group_columns.items())
-                    if v is not None and len(v) != g]
-        if problems:
-            raise ValueError(f"StepBatch: {'; '.join(problems)}, expected one per group ({g})")
-        problems = [f"{name} has {len(v)} entries" for name, v in
-                    (("response_ids", self.response_ids), ("logprobs", self.logprobs),
-                     ("texts", self.texts), *self.columns.items())
-                    if v is not None and len(v) != m]
-        if problems:
-            raise ValueError(f"StepBatch: {'; '.join(problems)}, expected one per response ({m})")
+        _check_sizes("group", g, {"group_id": self.group_id, "images": self.images,
+                                  "prompt_ids": self.prompt_ids, **self.group_columns})
+        _check_sizes("response", m, {"response_ids": self.response_ids, "logprobs": self.logprobs,
+                                     "texts": self.texts, **self.columns})
         if m and (self.group_of.min() < 0 or self.group_of.max() >= g):
             raise ValueError(f"StepBatch.group_of holds {self.group_of.min()}..{self.group_of.max()}, "
                              f"expected indices into the {g} groups")
