@@ -84,7 +84,7 @@ def main() -> int:
 
     from sophiavl_mcore.rewards.config import ThinkingRewardConfig
     from sophiavl_mcore.rewards.trm_http import VllmServerThinkingClient
-    from sophiavl_mcore.testing.vllm_server import VllmServer
+    from sophiavl_mcore.rollout.server import VllmServer
 
     server = None
     tmp = tempfile.TemporaryDirectory(prefix="bench_trm_")

@@ -36,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     from sophiavl_mcore.data.prompts import build_messages
     from sophiavl_mcore.data.records import load_records
     from sophiavl_mcore.rewards.outcome import OutcomeSample, score_outcomes
+    from sophiavl_mcore.testing.stand_ins import resolve_stand_ins
     from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
     from sophiavl_mcore.trainer.setup import model_dir, prepare_files
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "examples/configs/tiny_cpu.yaml", [f"output_dir={args.work}"], cls=GRPOTrainConfig)
-    cfg = prepare_files(cfg)  # no-op for files that exist (same bytes: deterministic in cfg)
+    cfg = prepare_files(resolve_stand_ins(cfg)[0])  # no-op for files that exist (deterministic in cfg)
     mdir = model_dir(cfg)
     records = load_records(cfg.data.sources[0].path)
 

@@ -50,6 +50,7 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     from sophiavl_mcore.data.dots_reasoning import quality_oracle
     from sophiavl_mcore.data.records import load_records
     from sophiavl_mcore.logging import MetricsWriter, console_line
+    from sophiavl_mcore.testing.stand_ins import resolve_stand_ins, score_tiny_trm
     from sophiavl_mcore.trainer.grpo.build import build_trainer
     from sophiavl_mcore.trainer.grpo.metrics import (
         CONSOLE_KEYS,
@@ -67,7 +68,10 @@ def train(cfg: GRPOTrainConfig) -> list[dict[str, float]]:
     from sophiavl_mcore.trainer.setup import val_path
 
     seed_everything(cfg.seed)
+    cfg, tiny_trm = resolve_stand_ins(cfg)  # model.tiny / rewards.trm.tiny recipes
     trainer = build_trainer(cfg)
+    if tiny_trm is not None:
+        score_tiny_trm(trainer, tiny_trm)
     cfg = trainer.cfg
     rank, total = trainer.info.rank, cfg.train.total_steps
     out = Path(cfg.output_dir)

@@ -176,19 +176,24 @@ def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
 
 def start_shared_trm(recipe: Path, overrides: Sequence[str], out: Path):
     """The recipe's TRM on one server for every run, started the way a training job starts
-    its own (``start_local_trm``: the tiny TRM built if needed, ``<out>/trm/server.json``,
-    held-out agreement on first health). Returns the handle and the overrides that point
+    its own (``testing.stand_ins``: the tiny TRM built if needed and its held-out
+    agreement scored; ``start_local_trm``: ``<out>/trm/server.json``). Returns the handle and the overrides that point
     a run at it (None, [] when the recipe serves no TRM)."""
     from sophiavl_mcore.config import load_config
     from sophiavl_mcore.rewards.trm_server import start_local_trm
+    from sophiavl_mcore.testing.stand_ins import resolve_tiny_trm
+    from sophiavl_mcore.testing.tiny_trm import ensure_agreement
     from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
-    cfg = load_config(recipe, overrides, cls=GRPOTrainConfig)
-    trm = start_local_trm(cfg.rewards.trm, cfg.task, out, 0, cfg.rewards.thinking)
+    cfg = load_config(recipe, [*overrides, f"output_dir={out}"], cls=GRPOTrainConfig)
+    cfg, tiny_trm = resolve_tiny_trm(cfg)
+    trm = start_local_trm(cfg.rewards.trm, out, 0)
     if trm is None:
         return None, []
     trm.wait_healthy()
     thinking = trm.thinking_config(cfg.rewards.thinking)
+    if tiny_trm is not None:
+        ensure_agreement(tiny_trm, thinking)
     return trm, ["rewards.trm.serve=false", "rewards.thinking.backend=http",
                  f"rewards.thinking.base_url={thinking.base_url}",
                  f"rewards.thinking.model={thinking.model}"]

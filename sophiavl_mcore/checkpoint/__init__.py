@@ -14,25 +14,39 @@ Training checkpoints and the HF export are imported from their modules
 (``from sophiavl_mcore.checkpoint.hf import export_hf``).
 """
 
-from sophiavl_mcore.checkpoint.convert import (
-    FORMAT,
-    convert_hf_to_mcore,
-    convert_mcore_to_hf,
-    load_hf_into_model,
-    load_mcore_shard,
-    plan_from_meta,
-    rank_file,
-    read_meta,
-    save_mcore_shard,
-)
-from sophiavl_mcore.checkpoint.mapping import (
-    ConversionPlan,
-    Rule,
-    build_plan,
-    default_hf_prefix,
-    register_extra_rules,
-)
-from sophiavl_mcore.checkpoint.st_io import CheckpointError, StreamingWriter, open_hf_dir
+import importlib
+from typing import Any
+
+# Imported on first use, so that importing the package (e.g. for one of its
+# torch-free submodules) does not import torch: tools/plan.py needs only the name/layout map.
+_EXPORTS = {
+    "FORMAT": "sophiavl_mcore.checkpoint.convert",
+    "convert_hf_to_mcore": "sophiavl_mcore.checkpoint.convert",
+    "convert_mcore_to_hf": "sophiavl_mcore.checkpoint.convert",
+    "load_hf_into_model": "sophiavl_mcore.checkpoint.convert",
+    "load_mcore_shard": "sophiavl_mcore.checkpoint.convert",
+    "plan_from_meta": "sophiavl_mcore.checkpoint.convert",
+    "rank_file": "sophiavl_mcore.checkpoint.convert",
+    "read_meta": "sophiavl_mcore.checkpoint.convert",
+    "save_mcore_shard": "sophiavl_mcore.checkpoint.convert",
+    "ConversionPlan": "sophiavl_mcore.checkpoint.mapping",
+    "Rule": "sophiavl_mcore.checkpoint.mapping",
+    "build_plan": "sophiavl_mcore.checkpoint.mapping",
+    "default_hf_prefix": "sophiavl_mcore.checkpoint.mapping",
+    "register_extra_rules": "sophiavl_mcore.checkpoint.mapping",
+    "CheckpointError": "sophiavl_mcore.checkpoint.st_io",
+    "StreamingWriter": "sophiavl_mcore.checkpoint.st_io",
+    "open_hf_dir": "sophiavl_mcore.checkpoint.st_io",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "FORMAT",

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sophiavl_mcore.checkpoint.atomic import atomic_dir
+from sophiavl_mcore.atomic import atomic_dir
 from sophiavl_mcore.checkpoint.manifest import CHECKSUMS, verify_dir, write_checksums
 from sophiavl_mcore.checkpoint.mapping import ConversionPlan, build_plan, default_hf_prefix
 from sophiavl_mcore.checkpoint.st_io import (
@@ -232,7 +232,7 @@ def convert_mcore_to_hf(
     tokenizer / processor / generation files (:data:`SERVING_FILES`) are copied. The
     output ends with ``checksums.json`` over everything written.
 
-    Atomic (:func:`~sophiavl_mcore.checkpoint.atomic.atomic_dir`): everything is written
+    Atomic (:func:`~sophiavl_mcore.atomic.atomic_dir`): everything is written
     into a temp sibling of ``out_dir`` that is renamed into place at the end, replacing
     an existing ``out_dir``; a failure or a killed process leaves ``out_dir`` absent or
     as it was, never half written.

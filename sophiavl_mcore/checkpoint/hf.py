@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sophiavl_mcore.checkpoint.atomic import publish_dir, remove_stale_siblings, tmp_sibling
+from sophiavl_mcore.atomic import publish_dir, remove_stale_siblings, tmp_sibling
 from sophiavl_mcore.checkpoint.convert import (
     FORMAT,
     META_FILE,

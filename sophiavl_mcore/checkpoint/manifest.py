@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sophiavl_mcore.checkpoint.atomic import atomic_write_text
+from sophiavl_mcore.atomic import atomic_write_text
 from sophiavl_mcore.checkpoint.st_io import CheckpointError
 
 logger = logging.getLogger(__name__)

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from sophiavl_mcore.models.hf_config import Qwen2Dims, padded_vocab_size
-from sophiavl_mcore.models.vision import build_vision_tower
 from sophiavl_mcore.parallel.layout import stage_layer_counts, stage_layer_offsets
+
+if TYPE_CHECKING:
+    import torch
 
 Kind = Literal["replicated", "vocab", "column", "row", "qkv", "gate_up"]
 
@@ -110,6 +110,8 @@ class ConversionPlan:
 
     def shard(self, rule: Rule, hf: Sequence[torch.Tensor], tp_rank: int) -> torch.Tensor:
         """The Megatron tensor of ``rule`` on ``tp_rank`` from the full HF tensor(s)."""
+        import torch  # here: the plan's shape arithmetic imports without torch (tools/plan.py)
+
         tp, r = self.tp, tp_rank
         if rule.kind == "replicated":
             return hf[0]
@@ -141,6 +143,8 @@ class ConversionPlan:
 
     def merge(self, rule: Rule, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Full HF tensor(s) of ``rule`` from its TP-rank tensors (rank order)."""
+        import torch
+
         if rule.kind == "replicated":
             return [parts[0]]
         if rule.kind == "vocab":
@@ -160,6 +164,8 @@ class ConversionPlan:
         """HF q, k, v [heads·d, ...] from the TP ranks' fused qkv (rows grouped per KV
         head: [q of the group, k, v]); each byte is copied once, straight into place
         (the live weight sync runs this every step)."""
+        import torch
+
         d, groups = self.dims.head_dim, self.dims.num_kv_heads
         rows = (self.dims.num_heads // groups * d, d, d)
         tail = tuple(parts[0].shape[1:])
@@ -189,22 +195,45 @@ def vision_hf_prefix(lm_hf_prefix: str) -> str:
     return "model.visual." if lm_hf_prefix.startswith("model.language_model.") else "visual."
 
 
+# transformers' Qwen2_5_VLVisionConfig defaults, for fields a config.json leaves out.
+_VISION_DEFAULTS = {"depth": 32, "hidden_size": 3584, "intermediate_size": 3420,
+                    "out_hidden_size": 3584, "in_channels": 3, "temporal_patch_size": 2,
+                    "patch_size": 14, "spatial_merge_size": 2}
+
+
+def vision_param_shapes(config_json: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter of Qwen2.5-VL's vision tower, in the order of
+    transformers' ``Qwen2_5_VisionTransformerPretrainedModel.named_parameters()``.
+
+    Arithmetic on ``vision_config`` (no torch, so ``tools/plan.py`` runs on a login node);
+    ``tests/unit/test_planner.py`` checks it against a meta-device build of the tower."""
+    v = {**_VISION_DEFAULTS, **(config_json.get("vision_config") or {})}
+    h, f, out = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["out_hidden_size"])
+    p, merged = int(v["patch_size"]), int(v["hidden_size"]) * int(v["spatial_merge_size"]) ** 2
+    shapes = [("patch_embed.proj.weight", (h, int(v["in_channels"]), int(v["temporal_patch_size"]),
+                                           p, p))]
+    block = [("norm1.weight", (h,)), ("norm2.weight", (h,)), ("attn.qkv.weight", (3 * h, h)),
+             ("attn.qkv.bias", (3 * h,)), ("attn.proj.weight", (h, h)), ("attn.proj.bias", (h,)),
+             ("mlp.gate_proj.weight", (f, h)), ("mlp.gate_proj.bias", (f,)),
+             ("mlp.up_proj.weight", (f, h)), ("mlp.up_proj.bias", (f,)),
+             ("mlp.down_proj.weight", (h, f)), ("mlp.down_proj.bias", (h,))]
+    shapes += [(f"blocks.{i}.{name}", shape) for i in range(int(v["depth"])) for name, shape in block]
+    return shapes + [("merger.ln_q.weight", (h,)), ("merger.mlp.0.weight", (merged, merged)),
+                     ("merger.mlp.0.bias", (merged,)), ("merger.mlp.2.weight", (out, merged)),
+                     ("merger.mlp.2.bias", (out,))]
+
+
 def vision_conversion_rules(config_json: Mapping[str, Any], plan: ConversionPlan) -> list[Rule]:
     """Conversion rules for every ``visual.*`` tensor of Qwen2.5-VL: replicated over TP,
     first stage.
 
     Megatron-side names are ``visual.<HF name without prefix>`` — the names of
-    :class:`~sophiavl_mcore.models.qwen2_5_vl.Qwen25VLModel` ``.checkpoint_module()``.
-    Shapes come from a meta-device build of the tower
-    (:func:`~sophiavl_mcore.models.vision.build_vision_tower`), so this costs no memory
-    even for 72B.
+    :class:`~sophiavl_mcore.models.qwen2_5_vl.Qwen25VLModel` ``.checkpoint_module()``;
+    shapes from :func:`vision_param_shapes`.
     """
     prefix = vision_hf_prefix(plan.hf_prefix)
-    tower = build_vision_tower(config_json, dtype=torch.bfloat16, device="meta")
-    return [
-        Rule(f"visual.{name}", (f"{prefix}{name}",), (tuple(p.shape),), "replicated", 0)
-        for name, p in tower.named_parameters()
-    ]
+    return [Rule(f"visual.{name}", (f"{prefix}{name}",), (shape,), "replicated", 0)
+            for name, shape in vision_param_shapes(config_json)]
 
 
 # model_type -> providers; Qwen2.5-VL's tower is built in, so a VL conversion never

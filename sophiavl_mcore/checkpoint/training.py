@@ -68,7 +68,7 @@ from typing import Any, Literal
 
 import torch
 
-from sophiavl_mcore.checkpoint.atomic import atomic_write_text, fsync_path
+from sophiavl_mcore.atomic import atomic_write_text, fsync_path
 from sophiavl_mcore.checkpoint.config import CheckpointConfig
 from sophiavl_mcore.checkpoint.convert import META_FILE, copy_shard_into
 from sophiavl_mcore.checkpoint.extra_state import sanitize_extra_states

@@ -8,15 +8,32 @@ Public API::
     layer_spec(use_te) ; local_layer_spec() ; te_layer_spec()
 """
 
-from sophiavl_mcore.models.hf_config import (
-    HFConfigError,
-    Qwen2Dims,
-    make_transformer_config,
-    padded_vocab_size,
-    read_lm_dims,
-)
-from sophiavl_mcore.models.qwen2 import build_qwen2_lm
-from sophiavl_mcore.models.specs import layer_spec, local_layer_spec, te_available, te_layer_spec
+import importlib
+from typing import Any
+
+# Imported on first use, so that the shape arithmetic (hf_config.read_lm_dims, used by
+# tools/plan.py) does not import torch and Megatron through this package.
+_EXPORTS = {
+    "HFConfigError": "sophiavl_mcore.models.hf_config",
+    "Qwen2Dims": "sophiavl_mcore.models.hf_config",
+    "make_transformer_config": "sophiavl_mcore.models.hf_config",
+    "padded_vocab_size": "sophiavl_mcore.models.hf_config",
+    "read_lm_dims": "sophiavl_mcore.models.hf_config",
+    "build_qwen2_lm": "sophiavl_mcore.models.qwen2",
+    "layer_spec": "sophiavl_mcore.models.specs",
+    "local_layer_spec": "sophiavl_mcore.models.specs",
+    "te_available": "sophiavl_mcore.models.specs",
+    "te_layer_spec": "sophiavl_mcore.models.specs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "HFConfigError",

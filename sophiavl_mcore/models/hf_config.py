@@ -16,12 +16,13 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from sophiavl_mcore.parallel.config import LayoutError, ParallelConfig
 from sophiavl_mcore.parallel.layout import stage_layer_counts
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_5_vl", "qwen2_vl", "qwen2_5_vl_text", "qwen2_vl_text")
 
@@ -203,7 +204,7 @@ def make_transformer_config(
     dims: Qwen2Dims,
     parallel: ParallelConfig,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     cpu: bool | None = None,
     fp8: str | None = None,
     fp8_recipe: str | None = None,
@@ -217,7 +218,7 @@ def make_transformer_config(
     Args:
         dims: from :func:`read_lm_dims`.
         parallel: layout (tp, pp, sequence_parallel, layers_per_stage).
-        dtype: parameter dtype (float32, bfloat16, float16).
+        dtype: parameter dtype (float32 — the default —, bfloat16, float16).
         cpu: CPU mode (params initialised on CPU, fused kernels off); default: no CUDA.
         fp8, fp8_recipe: FP8 training options (validated here, used by the TE spec).
         mrope_section: (t, h, w) rotary split for multimodal RoPE; defaults to the
@@ -225,8 +226,10 @@ def make_transformer_config(
         use_mrope: set ``mrope_section`` on the config (Qwen2.5-VL LM).
         overrides: any further TransformerConfig field.
     """
+    import torch  # here, so that the shape arithmetic above imports without torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    dtype = torch.float32 if dtype is None else dtype
     check_fp8(fp8, fp8_recipe)
     if cpu is None:
         cpu = not torch.cuda.is_available()

@@ -8,13 +8,30 @@ Public API::
     cpu_compat.apply() / cpu_compat.remove()
 """
 
-from sophiavl_mcore.parallel.config import LayoutError, ParallelConfig
-from sophiavl_mcore.parallel.init import ParallelInfo, destroy_parallel, initialize_parallel
-from sophiavl_mcore.parallel.layout import (
-    stage_layer_counts,
-    stage_layer_offsets,
-    validate_layout,
-)
+import importlib
+from typing import Any
+
+# Imported on first use, so that importing the package (e.g. for one of its
+# torch-free submodules) does not import torch: tools/plan.py needs only the layout arithmetic.
+_EXPORTS = {
+    "LayoutError": "sophiavl_mcore.parallel.config",
+    "ParallelConfig": "sophiavl_mcore.parallel.config",
+    "ParallelInfo": "sophiavl_mcore.parallel.init",
+    "destroy_parallel": "sophiavl_mcore.parallel.init",
+    "initialize_parallel": "sophiavl_mcore.parallel.init",
+    "stage_layer_counts": "sophiavl_mcore.parallel.layout",
+    "stage_layer_offsets": "sophiavl_mcore.parallel.layout",
+    "validate_layout": "sophiavl_mcore.parallel.layout",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "LayoutError",

@@ -242,10 +242,6 @@ def is_needed() -> bool:
     return not torch.cuda.is_available()
 
 
-def is_applied() -> bool:
-    return _applied
-
-
 def apply(force: bool = False) -> bool:
     """Route megatron-core's CUDA-only calls to CPU; returns whether the layer is active."""
     global _applied

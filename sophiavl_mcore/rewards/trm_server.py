@@ -2,18 +2,16 @@
 
 With ``rewards.trm.serve: true`` the job starts ``python -m
 vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs) on a free port of the first
-rank's node, on the TRM checkpoint ``rewards.trm.model_dir`` — or, with
-``rewards.trm.tiny: true``, on the tiny dots TRM that
-:mod:`sophiavl_mcore.testing.tiny_trm` trains with ``trm_train`` once and caches. The
-run's thinking client then talks to it over HTTP (``rewards.thinking.backend: http``), as
+rank's node, on the TRM checkpoint ``rewards.trm.model_dir`` (``rewards.trm.tiny: true``
+recipes get the tiny dots TRM's directory there from the job's entry point,
+:mod:`sophiavl_mcore.testing.stand_ins`, before this runs). The run's thinking client then talks to it over HTTP (``rewards.thinking.backend: http``), as
 the cluster recipes talk to theirs. The policy never grades itself.
 
-Lifecycle: rank 0 builds (if needed) and starts the server before its own rollout engine,
+Lifecycle: rank 0 starts the server before its own rollout engine,
 so the server boots while the policy is being set up; it writes
 ``<output_dir>/trm/server.json`` (URL, model, pid, launch id), which the other ranks wait
-for to learn the URL. :meth:`LocalTRM.wait_healthy` blocks until ``/health`` answers (the
-first call on rank 0 also scores the tiny TRM's held-out set if its agreement is not
-cached yet). The server dies with its parent (``PR_SET_PDEATHSIG``), at interpreter exit,
+for to learn the URL. :meth:`LocalTRM.wait_healthy` blocks until ``/health`` answers.
+The server dies with its parent (``PR_SET_PDEATHSIG``), at interpreter exit,
 or in :meth:`LocalTRM.stop`.
 
 The URL is 127.0.0.1: ranks on other nodes cannot reach it; multi-node runs serve the TRM
@@ -31,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sophiavl_mcore.atomic import atomic_write_text
 from sophiavl_mcore.rewards.config import LocalTRMConfig
 
 logger = logging.getLogger(__name__)
@@ -43,10 +42,10 @@ def launch_id() -> str:
 
 
 def make_server(model_dir: str | Path, log_path: str | Path, cfg: LocalTRMConfig) -> Any:
-    """A :class:`~sophiavl_mcore.testing.vllm_server.VllmServer` for ``model_dir`` whose
+    """A :class:`~sophiavl_mcore.rollout.server.VllmServer` for ``model_dir`` whose
     process dies with this one and does not inherit the launcher's variables (not
     started yet)."""
-    from sophiavl_mcore.testing.vllm_server import VllmServer
+    from sophiavl_mcore.rollout.server import VllmServer
 
     return VllmServer(model_dir, log_path, kv_cache_gb=cfg.kv_cache_gb,
                       max_num_seqs=cfg.max_num_seqs, owned=True)
@@ -56,14 +55,12 @@ class LocalTRM:
     """The run's TRM server as every rank sees it (rank 0 owns the process).
 
     ``info``: what ``server.json`` holds (``base_url``, ``model_dir``, ``pid``,
-    ``tiny_dir``); ``server``: the process handle on rank 0, else None.
+    ``served_name``); ``server``: the process handle on rank 0, else None.
     """
 
-    def __init__(self, info: dict[str, Any], server: Any = None, tiny_dir: Path | None = None,
-                 timeout_s: float = 600.0, thinking: Any = None) -> None:
-        self.info, self.server, self.tiny_dir = info, server, tiny_dir
+    def __init__(self, info: dict[str, Any], server: Any = None, timeout_s: float = 600.0) -> None:
+        self.info, self.server = info, server
         self.timeout_s = timeout_s
-        self.thinking = thinking  # rank 0: the run's client settings (for the held-out set)
         self._healthy = False
 
     @property
@@ -76,17 +73,12 @@ class LocalTRM:
                                    model=self.info.get("served_name", "trm"))
 
     def wait_healthy(self) -> None:
-        """Rank 0: block until the server answers; the first time, score the tiny TRM's
-        held-out set when its agreement is not cached. Other ranks: no-op."""
+        """Rank 0: block until the server answers. Other ranks: no-op."""
         if self.server is None or self._healthy:
             return
         took = self.server.wait_healthy(timeout_s=self.timeout_s)
         self._healthy = True
         logger.info("TRM server healthy %.1f s after start", took)
-        if self.tiny_dir is not None:
-            from sophiavl_mcore.testing.tiny_trm import ensure_agreement
-
-            ensure_agreement(self.tiny_dir, self.thinking_config(self.thinking))
 
     def stop(self) -> None:
         if self.server is not None:
@@ -110,53 +102,48 @@ def serve_trm(cfg: Any) -> tuple[Any, LocalTRM | None]:
                          f"which the other nodes cannot reach (WORLD_SIZE={world}, "
                          f"LOCAL_WORLD_SIZE={local}): serve it yourself and set "
                          f"rewards.trm.serve=false rewards.thinking.base_url=http://<host>:<port>/v1")
-    trm = start_local_trm(cfg.rewards.trm, cfg.task, cfg.output_dir, rank, cfg.rewards.thinking)
+    trm = start_local_trm(cfg.rewards.trm, cfg.output_dir, rank)
     if trm is None:
         return cfg, None
     rewards = dataclasses.replace(cfg.rewards, thinking=trm.thinking_config(cfg.rewards.thinking))
     return dataclasses.replace(cfg, rewards=rewards), trm
 
 
-def start_local_trm(cfg: LocalTRMConfig, task: Any, output_dir: str | Path, rank: int,
-                    thinking: Any = None) -> LocalTRM | None:
-    """Before any process group exists: rank 0 builds (tiny) and starts the server and
+def start_local_trm(cfg: LocalTRMConfig, output_dir: str | Path, rank: int) -> LocalTRM | None:
+    """Before any process group exists: rank 0 starts the server on ``cfg.model_dir`` and
     writes ``<output_dir>/trm/server.json``; the other ranks wait for that file. Returns
-    None when ``cfg.serve`` is off. ``thinking``: the run's ThinkingRewardConfig (the
-    tiny TRM is trained on its prompt settings; None = the client's defaults)."""
+    None when ``cfg.serve`` is off."""
     if not cfg.serve:
         return None
-    if cfg.tiny and getattr(task, "reasoning", None) != "observe":
-        raise ValueError("rewards.trm.tiny grades the dots task's 'observe' reasoning: set "
-                         "task.enabled=true and task.reasoning=observe")
+    if cfg.tiny:
+        raise ValueError("rewards.trm.tiny is a test stand-in that the job's entry point resolves "
+                         "into rewards.trm.model_dir (sophiavl_mcore.testing.stand_ins); "
+                         "start_local_trm needs rewards.trm.model_dir")
     info_path = Path(output_dir) / "trm" / "server.json"
     if rank != 0:
         return LocalTRM(_wait_for_info(info_path, cfg.startup_timeout_s + 3600))
     info_path.parent.mkdir(parents=True, exist_ok=True)
-    if thinking is None:
-        from sophiavl_mcore.rewards.config import ThinkingRewardConfig
-
-        thinking = ThinkingRewardConfig()
-    tiny_dir = None
+    model_dir = Path(cfg.model_dir)
     try:
-        model_dir = Path(cfg.model_dir)
-        if cfg.tiny:
-            from sophiavl_mcore.testing.tiny_trm import ensure_tiny_trm
-
-            tiny_dir = ensure_tiny_trm(cfg, task, thinking)
-            model_dir = tiny_dir / "hf"
         server = make_server(model_dir, info_path.parent / "server.log", cfg).start()
     except BaseException as err:
-        info_path.write_text(json.dumps({"launch": launch_id(), "error": repr(err),
-                                         "written_at": time.time()}))
+        report_start_error(output_dir, err)
         raise
     atexit.register(server.stop)
     info = {"launch": launch_id(), "written_at": time.time(), "base_url": server.base_url,
             "served_name": server.served_name, "model_dir": str(model_dir.resolve()),
-            "pid": server.proc.pid, "tiny_dir": str(tiny_dir) if tiny_dir else None}
-    tmp = info_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(info_path)
-    return LocalTRM(info, server, tiny_dir, cfg.startup_timeout_s, thinking)
+            "pid": server.proc.pid}
+    atomic_write_text(info_path, json.dumps(info, indent=1))
+    return LocalTRM(info, server, cfg.startup_timeout_s)
+
+
+def report_start_error(output_dir: str | Path, err: BaseException) -> None:
+    """Rank 0 could not start the run's TRM server: tell the ranks waiting for
+    ``<output_dir>/trm/server.json`` (they raise with ``err``)."""
+    info_path = Path(output_dir) / "trm" / "server.json"
+    info_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(info_path, json.dumps({"launch": launch_id(), "error": repr(err),
+                                             "written_at": time.time()}))
 
 
 def _wait_for_info(path: Path, timeout_s: float) -> dict[str, Any]:

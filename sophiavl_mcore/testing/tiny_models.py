@@ -10,22 +10,15 @@ head_dim is 64 everywhere because vLLM's CPU attention rejects smaller heads.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from sophiavl_mcore.models.tiny_spec import SPECIAL_TOKENS, TinyModelSpec
 
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+__all__ = ["SPECIAL_TOKENS", "TinyModelSpec", "build_tiny_qwen2_5_vl", "build_tokenizer"]
+
+logger = logging.getLogger(__name__)
 
 # A Qwen-style ChatML template: strings or lists of {"type": "text"|"image"|"image_url"}.
 CHAT_TEMPLATE = (
@@ -58,36 +51,6 @@ _CORPUS = (
     "language consistency, redundancy. Give a score between 0 and 1.",
     "Question: what is shown in the picture? Reasoning: the picture shows a red square.",
 )
-
-
-@dataclasses.dataclass
-class TinyModelSpec:
-    """Shapes of a tiny checkpoint (defaults give ~1-2 M parameters)."""
-
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 2  # head_dim = hidden_size / num_heads = 64
-    num_kv_heads: int = 1
-    intermediate_size: int = 256
-    vocab_size: int = 768  # >= tokenizer size; padded like the real models
-    bpe_vocab: int = 600
-    max_position_embeddings: int = 4096
-    vision_depth: int = 2
-    vision_hidden_size: int = 128
-    vision_heads: int = 2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 64:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} / num_heads={self.num_heads} must divide "
-                "and give head_dim >= 64 (vLLM CPU attention rejects smaller heads)"
-            )
-        if self.bpe_vocab + len(SPECIAL_TOKENS) > self.vocab_size:
-            raise ValueError(
-                f"bpe_vocab={self.bpe_vocab} + {len(SPECIAL_TOKENS)} special tokens exceeds "
-                f"vocab_size={self.vocab_size}"
-            )
 
 
 def build_tokenizer(out_dir: str | Path, spec: TinyModelSpec | None = None):
@@ -151,25 +114,6 @@ def _write_generation_config(out_dir: Path, ids: dict[str, int]) -> None:
     gen = {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
            "pad_token_id": ids["<|endoftext|>"]}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
-
-
-def build_tiny_qwen2(out_dir: str | Path, spec: TinyModelSpec | None = None) -> Path:
-    """Write a tiny random Qwen2 (Qwen2.5 architecture) causal LM + tokenizer; return the dir."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    spec = spec or TinyModelSpec()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out, spec)
-    ids = _token_ids(tok)
-    cfg = Qwen2Config(**_text_config_kwargs(spec, ids), tie_word_embeddings=False,
-                      rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    torch.manual_seed(spec.seed)
-    model = Qwen2ForCausalLM(cfg).to(torch.float32)
-    model.save_pretrained(str(out), safe_serialization=True)
-    _write_generation_config(out, ids)
-    return out
 
 
 def build_tiny_qwen2_5_vl(out_dir: str | Path, spec: TinyModelSpec | None = None,

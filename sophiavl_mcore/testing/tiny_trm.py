@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from sophiavl_mcore.atomic import atomic_dir, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 VERSION = 2
@@ -112,9 +114,9 @@ def _train(work: Path, cfg: Any, data: Path, thinking: Any) -> Path:
     import yaml
 
     from sophiavl_mcore.config import load_config
+    from sophiavl_mcore.rollout.server import server_env
     from sophiavl_mcore.testing.multiproc import free_port
     from sophiavl_mcore.testing.tiny_models import TinyModelSpec, build_tiny_qwen2_5_vl
-    from sophiavl_mcore.testing.vllm_server import server_env
     from sophiavl_mcore.trainer.sft.config import TRMTrainConfig
 
     base = build_tiny_qwen2_5_vl(work / "base", TinyModelSpec(num_kv_heads=2, seed=TRM_SEED))
@@ -141,13 +143,18 @@ def _train(work: Path, cfg: Any, data: Path, thinking: Any) -> Path:
     return work / "sft" / "hf"
 
 
+def entry_dir(cfg: Any, task: Any, thinking: Any) -> Path:
+    """Where the tiny TRM for these settings lives in the cache (built or not)."""
+    return cache_root(cfg) / f"dots_trm-{cache_key(cfg, task, thinking)}"
+
+
 def ensure_tiny_trm(cfg: Any, task: Any, thinking: Any) -> Path:
     """The cache entry of the tiny TRM for ``cfg`` (rewards.trm), ``task`` (the dots task's
     geometry) and ``thinking`` (rewards.thinking: the prompt it is asked with), trained
     first if it is not there. Returns the entry's directory."""
-    root = cache_root(cfg)
+    entry = entry_dir(cfg, task, thinking)
+    root = entry.parent
     root.mkdir(parents=True, exist_ok=True)
-    entry = root / f"dots_trm-{cache_key(cfg, task, thinking)}"
     if (entry / "hf" / "config.json").is_file():
         logger.info("tiny TRM from the cache: %s", entry)
         return entry
@@ -155,15 +162,12 @@ def ensure_tiny_trm(cfg: Any, task: Any, thinking: Any) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another job may be building the same entry
         if (entry / "hf" / "config.json").is_file():
             return entry
-        work = root / f"{entry.name}.tmp-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        train, _held = write_data(work / "data", cfg, task)
-        hf = _train(work, cfg, train, thinking)
-        hf.rename(work / "hf")
-        shutil.rmtree(work / "sft" / "mcore", ignore_errors=True)
-        shutil.rmtree(work / "base", ignore_errors=True)
-        work.rename(entry)
+        with atomic_dir(entry) as work:  # a killed build leaves no half entry behind
+            train, _held = write_data(work / "data", cfg, task)
+            hf = _train(work, cfg, train, thinking)
+            hf.rename(work / "hf")
+            shutil.rmtree(work / "sft" / "mcore", ignore_errors=True)
+            shutil.rmtree(work / "base", ignore_errors=True)
     logger.info("tiny TRM trained and cached: %s", entry)
     return entry
 
@@ -224,9 +228,7 @@ def ensure_agreement(entry: Path, thinking: Any) -> dict[str, Any]:
         result = json.loads(path.read_text())
     else:
         result = {mode: score_heldout(entry, thinking, mode) for mode in ("greedy", "expected")}
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(result, indent=1))
     log_agreement(result)
     return result
 
@@ -247,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from sophiavl_mcore.config import load_config
     from sophiavl_mcore.logging import setup_logging
-    from sophiavl_mcore.testing.vllm_server import VllmServer
+    from sophiavl_mcore.rollout.server import VllmServer
     from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
     parser = argparse.ArgumentParser(description=main.__doc__)

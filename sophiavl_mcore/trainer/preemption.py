@@ -9,14 +9,14 @@ what the next checkpoint means. At the end of each step the ranks agree on the f
 (a MAX all-reduce, so one signalled rank is enough), save a checkpoint and leave the loop.
 
 ``<output_dir>/run_state.json`` tells the launcher what happened:
-``{"status": "preempted" | "complete", "step": N}`` (written atomically by rank 0).
+``{"status": "preempted" | "complete", "step": N}`` (written atomically by rank 0; the
+sbatch template reads its ``status`` with a three-line inline parse).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 from pathlib import Path
 from types import FrameType
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from sophiavl_mcore.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +75,5 @@ def write_run_state(output_dir: str | Path, status: str, step: int) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RUN_STATE_FILE
-    tmp = path.with_name(f".{RUN_STATE_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"status": status, "step": step}) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"status": status, "step": step}) + "\n")
     return path
-
-
-def read_run_state(output_dir: str | Path) -> dict[str, Any] | None:
-    """The last ``run_state.json`` or None when the run never reached a step's end."""
-    path = Path(output_dir) / RUN_STATE_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())

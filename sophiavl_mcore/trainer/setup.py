@@ -1,11 +1,14 @@
-"""The GRPO run's construction from its config (``trainer.grpo.config.GRPOTrainConfig``): everything before step 1.
+"""The GRPO run's files and model dimensions from its config
+(``trainer.grpo.config.GRPOTrainConfig``), before anything is built.
 
-Order matters on CPU: rank 0 builds the colocated vLLM engine *before* any trainer
-process group exists and releases vLLM's one-rank default group
-(:func:`~sophiavl_mcore.weight_sync.vllm_access.release_engine_default_group`); only
-then does :func:`~sophiavl_mcore.parallel.initialize_parallel` create the trainer's
-world. Files rank 0 writes before that (tiny model, synthetic task) are read by the
-other ranks after the world exists.
+:func:`prepare_files` runs on every rank before any process group exists (rank 0
+writes the synthetic task); the other ranks read its files after
+:func:`~sophiavl_mcore.parallel.initialize_parallel` and a barrier
+(:func:`~sophiavl_mcore.trainer.grpo.build.build_trainer`, which then builds every
+rank's SPMD engine shard in the trainer's world). :func:`model_dims` /
+:func:`model_config` give the policy's shapes from its ``config.json`` (or the shipped
+public config, or the tiny stand-in's spec) without building it, for ``--dry-run`` and
+the layout checks.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from sophiavl_mcore.data.config import DataSourceConfig
 from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
 
 if TYPE_CHECKING:
-    from sophiavl_mcore.testing.tiny_models import TinyModelSpec
+    from sophiavl_mcore.models.tiny_spec import TinyModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def model_dir(cfg: GRPOTrainConfig) -> Path:
 
 
 def tiny_spec(cfg: GRPOTrainConfig) -> TinyModelSpec:
-    from sophiavl_mcore.testing.tiny_models import TinyModelSpec
+    from sophiavl_mcore.models.tiny_spec import TinyModelSpec
 
     # two KV heads so that TP=2 splits the query groups
     return TinyModelSpec(num_layers=cfg.model.tiny_layers, num_kv_heads=2, seed=cfg.seed)
@@ -96,18 +99,15 @@ def check_world(cfg: GRPOTrainConfig, world: int) -> int:
 
 
 def prepare_files(cfg: GRPOTrainConfig) -> GRPOTrainConfig:
-    """Rank 0, before any group exists: write the tiny model and the task. Returns the
-    config with ``rollout.model`` and ``data.sources`` filled in (every rank calls this;
-    only rank 0 writes)."""
+    """Rank 0, before any group exists: write the synthetic task. Returns the config with
+    ``rollout.model`` and ``data.sources`` filled in (every rank calls this; only rank 0
+    writes). A ``model.tiny`` policy is written before this by the job's entry point
+    (``testing.stand_ins``)."""
     from sophiavl_mcore.data.visual_task import write_dots_task
 
     out = Path(cfg.output_dir)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     mdir = model_dir(cfg)
-    if rank0 and cfg.model.tiny and not (mdir / "config.json").is_file():
-        from sophiavl_mcore.testing.tiny_models import build_tiny_qwen2_5_vl
-
-        build_tiny_qwen2_5_vl(mdir, tiny_spec(cfg))
     rollout = dataclasses.replace(cfg.rollout, model=cfg.rollout.model or str(mdir))
     data = cfg.data
     if cfg.task.enabled:

@@ -18,8 +18,8 @@ class WeightSyncError(RuntimeError):
 class SyncReport:
     """What one sync did, as seen by this rank.
 
-    ``bytes_sent`` counts this rank's payload (the engine rank counts what it loaded);
-    ``bytes_received`` what reached this rank from other ranks (SPMD sync);
+    ``bytes_sent`` counts this rank's payload (a rank holding an engine counts what it
+    loaded into it); ``bytes_received`` what reached this rank from other ranks;
     ``peak_rss_delta_bytes`` is this process's peak resident memory during the sync
     minus its resident memory right before (sampled every few milliseconds).
     ``debug_max_abs_diff`` is ``None`` unless ``debug_compare`` is on.
@@ -44,11 +44,14 @@ class SyncReport:
 
 
 class WeightSync(abc.ABC):
-    """Push the trainer's current weights into the rollout engine.
+    """Push the trainer's current weights into the rollout engines.
 
-    ``sync`` is collective: every trainer rank calls it; it returns once the engine
-    serves the new weights, with the engine's new ``policy_version`` on every rank.
+    ``sync`` is collective: every trainer rank calls it; it returns once every engine
+    serves the new weights, with the engines' new ``policy_version`` on every rank.
+    ``bytes_model``: HF-format bytes of one full sync (the whole policy).
     """
+
+    bytes_model: int = 0
 
     @abc.abstractmethod
     def sync(self, version: int | None = None) -> SyncReport:
@@ -59,4 +62,4 @@ class WeightSync(abc.ABC):
     @property
     @abc.abstractmethod
     def policy_version(self) -> int:
-        """The engine's policy version after the last successful sync (every rank)."""
+        """The engines' policy version after the last successful sync (every rank)."""

@@ -155,7 +155,7 @@ def test_gamma_falls_below_one_where_the_trm_is_hacked(main_job) -> None:
     # equal quality and the per-step correlation swings to ±1 (one TRM build on this
     # machine: −0.06 over 70 steps with held-out clean correlation 0.89).
     info = json.loads((main_job["out"] / "trm" / "server.json").read_text())
-    agreement = json.loads((Path(info["tiny_dir"]) / "agreement.json").read_text())["greedy"]
+    agreement = json.loads((Path(info["model_dir"]).parent / "agreement.json").read_text())["greedy"]
     assert agreement["dots_clean"]["corr_true"] > 0.5
     assert agreement["dots_clean"]["agree_true"] > agreement["dots_hacked"]["agree_true"] + 0.2
 
@@ -165,7 +165,7 @@ def test_trm_heldout_agreement_is_printed_and_good(main_job) -> None:
     """The tiny TRM agrees with the true thinking quality on held-out clean records, and
     with its (flawed) training labels, not the truth, on hacked ones."""
     info = json.loads((main_job["out"] / "trm" / "server.json").read_text())
-    result = json.loads((Path(info["tiny_dir"]) / "agreement.json").read_text())
+    result = json.loads((Path(info["model_dir"]).parent / "agreement.json").read_text())
     assert "tiny TRM held-out" in main_job["log"]
     clean, hacked = result["expected"]["dots_clean"], result["expected"]["dots_hacked"]
     assert clean["missing"] == 0 and hacked["missing"] == 0

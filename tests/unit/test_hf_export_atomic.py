@@ -1,6 +1,6 @@
 """A crash in the middle of an HF export leaves no half-written export behind.
 
-Three ways in, one atomic write (:mod:`sophiavl_mcore.checkpoint.atomic`):
+Three ways in, one atomic write (:mod:`sophiavl_mcore.atomic`):
 ``convert_mcore_to_hf`` (the tools' converter), ``export_hf`` of a training checkpoint, and
 ``export_hf`` of the live model (its Megatron shards dir too). The export is cut in two
 ways:

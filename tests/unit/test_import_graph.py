@@ -20,7 +20,7 @@ and units of *lower* layers only; units in the same layer are peers and must not
 each other. A unit missing from :data:`LAYERS` is an error, so a new sub-package gets a
 place on purpose. The order below is the one the code has (decided from the real imports):
 
-    0  sophiavl_mcore (root, _C), checks, config, logging   leaves: no intra-package imports
+    0  sophiavl_mcore (root, _C), atomic, checks, config, logging   leaves: no intra-package imports
     1  parallel, data          process groups / layouts; records, prompts, images
     2  models, rollout         Megatron builders (-> parallel); rollout engines (-> parallel.host)
     3  checkpoint, rewards     all on-disk state: HF<->Megatron, training checkpoints, HF export
@@ -31,10 +31,9 @@ place on purpose. The order below is the one the code has (decided from the real
     7  train, trm_train        entry points
     8  testing                 fixtures for tests/benchmarks: may import anything
 
-``testing/`` sits on top, so nothing else may import it — except the edges named in
-:data:`ALLOWED_TESTING_IMPORTS`, where production code legitimately uses a fixture that
-imports nothing at or above the importer's layer (``model.tiny: true`` recipes build a
-stand-in checkpoint; the job's own TRM server runs through the vLLM server wrapper).
+``testing/`` sits on top and is a leaf: nothing else may import it — except the edges
+named in :data:`ALLOWED_TESTING_IMPORTS`, from the job entry points (:data:`ENTRY_POINTS`)
+to the stand-in resolution (``model.tiny`` / ``rewards.trm.tiny`` recipes).
 
 :data:`KNOWN_VIOLATIONS` lists edges that break a rule today and whose fix lies in a file
 this check's change could not touch; each names the fix. They are exempt from both
@@ -52,7 +51,7 @@ PACKAGE = "sophiavl_mcore"
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({PACKAGE, "checks", "config", "logging"}),
+    frozenset({PACKAGE, "atomic", "checks", "config", "logging"}),
     frozenset({"parallel", "data"}),
     frozenset({"models", "rollout"}),
     frozenset({"checkpoint", "rewards"}),
@@ -65,16 +64,13 @@ LAYERS: tuple[frozenset[str], ...] = (
 
 _P = PACKAGE + "."
 
+#: The job entry points, the only package modules that may import ``testing/``.
+ENTRY_POINTS = frozenset({_P + "train", _P + "trm_train"})
+
 ALLOWED_TESTING_IMPORTS: dict[tuple[str, str], str] = {
-    (_P + "trainer.setup", _P + "testing.tiny_models"):
-        "model.tiny=true recipes (tiny_cpu.yaml) build their stand-in checkpoint; "
-        "tiny_models imports nothing from the package",
-    (_P + "rewards.trm_server", _P + "testing.vllm_server"):
-        "rewards.trm.serve runs the job's TRM through the vllm-serve process wrapper; "
-        "vllm_server imports only testing.multiproc -> parallel.init",
-    (_P + "rewards.trm_server", _P + "testing.tiny_trm"):
-        "rewards.trm.tiny=true (tiny_cpu.yaml) builds its stand-in TRM, as model.tiny builds "
-        "the policy's; tiny_trm never imports trm_server back (no cycle)",
+    (_P + "train", _P + "testing.stand_ins"):
+        "model.tiny / rewards.trm.tiny recipes (tiny_cpu.yaml): the entry point builds the "
+        "stand-ins and hands the trainer ordinary paths",
 }
 
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
@@ -291,6 +287,16 @@ def test_exceptions_are_not_stale() -> None:
     into_testing = [(a, b) for a, b in ALLOWED_TESTING_IMPORTS
                     if unit_of(b, PACKAGE) != "testing" or unit_of(a, PACKAGE) == "testing"]
     assert not into_testing, f"ALLOWED_TESTING_IMPORTS holds non-testing edges: {into_testing}"
+
+
+def test_testing_is_imported_only_by_the_entry_points() -> None:
+    graph = import_graph(PACKAGE_DIR, PACKAGE)
+    importers = sorted(a for a, bs in graph.items() if unit_of(a, PACKAGE) != "testing"
+                       and any(unit_of(b, PACKAGE) == "testing" for b in bs))
+    assert set(importers) <= ENTRY_POINTS, (
+        f"only {sorted(ENTRY_POINTS)} may import sophiavl_mcore.testing; also: "
+        f"{sorted(set(importers) - ENTRY_POINTS)}")
+    assert importers, "the entry points resolve the tiny stand-ins through testing.stand_ins"
 
 
 def _write(root: Path, files: Mapping[str, str]) -> None:

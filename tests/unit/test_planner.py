@@ -257,3 +257,47 @@ def test_plan_tool_prints_topology(capsys) -> None:
     assert "rollout engines: 8 of TP=8 (1 per node; engine k = ranks 8k..8k+7)" in out
     # 142432557568 B / 2**30 = 132.65 GiB
     assert "weight sync worst rank: 16 (stage(s) [1, 2]) receives 132.65 GiB per sync" in out
+
+
+_BLOCK_TORCH = """
+import runpy, sys
+
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("tools/plan.py imported " + name)
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+sys.argv = ["tools/plan.py", *sys.argv[1:]]
+runpy.run_path("tools/plan.py", run_name="__main__")
+"""
+
+
+def test_plan_tool_runs_without_torch() -> None:
+    """The planner is arithmetic: a login node without torch can plan a 72B run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _BLOCK_TORCH, "--recipe",
+                           str(ROOT / "examples/configs/qwen2_5_vl_72b_64xh100.yaml"), "--nodes", "8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.rstrip().endswith("FITS")
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_72b_instruct.json", "qwen2_5_vl_7b_instruct.json"])
+def test_vision_shapes_by_arithmetic_match_the_tower(name: str) -> None:
+    """The torch-free vision shapes are the meta-device tower's, name for name."""
+    import torch
+
+    from sophiavl_mcore.checkpoint.mapping import vision_param_shapes
+    from sophiavl_mcore.models.vision import build_vision_tower
+
+    cfg = json.loads((CONFIGS / name).read_text())
+    tower = build_vision_tower(cfg, dtype=torch.bfloat16, device="meta")
+    assert vision_param_shapes(cfg) == [(n, tuple(p.shape)) for n, p in tower.named_parameters()]
+    small = {"vision_config": {"depth": 2, "hidden_size": 128, "intermediate_size": 256,
+                               "num_heads": 2, "out_hidden_size": 256, "fullatt_block_indexes": [1]}}
+    tower = build_vision_tower(small, dtype=torch.bfloat16, device="meta")
+    assert vision_param_shapes(small) == [(n, tuple(p.shape)) for n, p in tower.named_parameters()]

@@ -10,7 +10,7 @@ import pytest
 from sophiavl_mcore.rewards import trm_server
 from sophiavl_mcore.rewards.config import LocalTRMConfig
 from sophiavl_mcore.rewards.trm_server import _wait_for_info, launch_id
-from sophiavl_mcore.testing.vllm_server import server_env
+from sophiavl_mcore.rollout.server import server_env
 
 
 @pytest.fixture
@@ -66,11 +66,24 @@ def test_config_errors(kwargs, match) -> None:
 
 
 def test_tiny_trm_needs_the_observe_task(tmp_path) -> None:
-    from sophiavl_mcore.data.config import VisualTaskConfig
+    import dataclasses
+    from pathlib import Path
 
+    from sophiavl_mcore.config import load_config
+    from sophiavl_mcore.testing.stand_ins import resolve_tiny_trm
+    from sophiavl_mcore.trainer.grpo.config import GRPOTrainConfig
+
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_cpu.yaml"
+    cfg = load_config(recipe, [f"output_dir={tmp_path}"], cls=GRPOTrainConfig)
+    assert cfg.rewards.trm.tiny
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, reasoning="free"))
     with pytest.raises(ValueError, match="task.reasoning=observe"):
-        trm_server.start_local_trm(LocalTRMConfig(serve=True, tiny=True),
-                                   VisualTaskConfig(enabled=True), tmp_path, rank=0)
+        resolve_tiny_trm(cfg)
+
+
+def test_an_unresolved_tiny_trm_is_refused_by_the_server(tmp_path) -> None:
+    with pytest.raises(ValueError, match="rewards.trm.tiny is a test stand-in.*model_dir"):
+        trm_server.start_local_trm(LocalTRMConfig(serve=True, tiny=True), tmp_path, rank=0)
 
 
 def test_a_multi_node_job_cannot_serve_its_trm_on_localhost(monkeypatch) -> None:

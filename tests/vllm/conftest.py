@@ -31,7 +31,7 @@ def tiny_vl_dir(tmp_path_factory):
 def trm_server(tiny_vl_dir, tmp_path_factory):
     """A real OpenAI-compatible vLLM server on a free localhost port (started, maybe
     not yet healthy: call ``wait_healthy()``)."""
-    from sophiavl_mcore.testing.vllm_server import VllmServer
+    from sophiavl_mcore.rollout.server import VllmServer
 
     server = VllmServer(tiny_vl_dir, tmp_path_factory.mktemp("vllm_serve") / "server.log",
                         api_key=API_KEY).start()

