@@ -25,7 +25,7 @@ place on purpose. The order below is the one the code has (decided from the real
     2  models, rollout         Megatron builders (-> parallel); rollout engines (-> parallel.host)
     3  checkpoint, rewards     all on-disk state: HF<->Megatron, training checkpoints, HF export
                                (-> models, parallel); reward stage (-> data, rollout)
-    4  weight_sync, planner    trainer -> engine sync (-> checkpoint, rollout); dry-run planner
+    4  weight_sync, planner, eval  engine sync (-> checkpoint, rollout); planner; benchmarks (-> rewards)
     5  trainer                 the GRPO/SFT loops (-> everything below)
     6  cli                     the command line shared by the entry points
     7  train, trm_train        entry points
@@ -55,7 +55,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"parallel", "data"}),
     frozenset({"models", "rollout"}),
     frozenset({"checkpoint", "rewards"}),
-    frozenset({"weight_sync", "planner"}),
+    frozenset({"weight_sync", "planner", "eval"}),
     frozenset({"trainer"}),
     frozenset({"cli"}),
     frozenset({"train", "trm_train"}),
