@@ -14,8 +14,7 @@ Training checkpoints and the HF export are imported from their modules
 (``from sophiavl_mcore.checkpoint.hf import export_hf``).
 """
 
-import importlib
-from typing import Any
+from sophiavl_mcore.lazy import lazy_attributes
 
 # Imported on first use, so that importing the package (e.g. for one of its
 # torch-free submodules) does not import torch: tools/plan.py needs only the name/layout map.
@@ -38,15 +37,7 @@ _EXPORTS = {
     "StreamingWriter": "sophiavl_mcore.checkpoint.st_io",
     "open_hf_dir": "sophiavl_mcore.checkpoint.st_io",
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_attributes(__name__, _EXPORTS)
 
 __all__ = [
     "FORMAT",

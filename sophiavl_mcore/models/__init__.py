@@ -8,8 +8,7 @@ Public API::
     layer_spec(use_te) ; local_layer_spec() ; te_layer_spec()
 """
 
-import importlib
-from typing import Any
+from sophiavl_mcore.lazy import lazy_attributes
 
 # Imported on first use, so that the shape arithmetic (hf_config.read_lm_dims, used by
 # tools/plan.py) does not import torch and Megatron through this package.
@@ -25,15 +24,7 @@ _EXPORTS = {
     "te_available": "sophiavl_mcore.models.specs",
     "te_layer_spec": "sophiavl_mcore.models.specs",
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_attributes(__name__, _EXPORTS)
 
 __all__ = [
     "HFConfigError",

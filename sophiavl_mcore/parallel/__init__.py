@@ -8,8 +8,7 @@ Public API::
     cpu_compat.apply() / cpu_compat.remove()
 """
 
-import importlib
-from typing import Any
+from sophiavl_mcore.lazy import lazy_attributes
 
 # Imported on first use, so that importing the package (e.g. for one of its
 # torch-free submodules) does not import torch: tools/plan.py needs only the layout arithmetic.
@@ -23,15 +22,7 @@ _EXPORTS = {
     "stage_layer_offsets": "sophiavl_mcore.parallel.layout",
     "validate_layout": "sophiavl_mcore.parallel.layout",
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_attributes(__name__, _EXPORTS)
 
 __all__ = [
     "LayoutError",

@@ -20,7 +20,7 @@ and units of *lower* layers only; units in the same layer are peers and must not
 each other. A unit missing from :data:`LAYERS` is an error, so a new sub-package gets a
 place on purpose. The order below is the one the code has (decided from the real imports):
 
-    0  sophiavl_mcore (root, _C), atomic, checks, config, logging   leaves: no intra-package imports
+    0  sophiavl_mcore (root, _C), atomic, checks, config, lazy, logging   leaves: no intra-package imports
     1  parallel, data          process groups / layouts; records, prompts, images
     2  models, rollout         Megatron builders (-> parallel); rollout engines (-> parallel.host)
     3  checkpoint, rewards     all on-disk state: HF<->Megatron, training checkpoints, HF export
@@ -51,7 +51,7 @@ PACKAGE = "sophiavl_mcore"
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({PACKAGE, "atomic", "checks", "config", "logging"}),
+    frozenset({PACKAGE, "atomic", "checks", "config", "lazy", "logging"}),
     frozenset({"parallel", "data"}),
     frozenset({"models", "rollout"}),
     frozenset({"checkpoint", "rewards"}),
