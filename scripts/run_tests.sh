@@ -3,6 +3,8 @@
 # Extra arguments go to pytest, e.g. `scripts/run_tests.sh tests/unit -k rouge`.
 # `--fast` (first argument): the fast tier only — tests/unit without the `slow` and `dist`
 # markers (scorers, config, kernels against their oracles; no torchrun, no servers, no Slurm).
+# SOPHIAVL_FAST_TIER=1 makes that a rule: tests/unit/conftest.py fails a test whose
+# subprocess would start torchrun, a vLLM server or Slurm.
 set -euo pipefail
 fast=0
 if [[ "${1:-}" == "--fast" ]]; then
@@ -14,6 +16,7 @@ cd "$root"
 bash scripts/setup_env.sh
 if [[ $fast -eq 1 ]]; then
   .venv/bin/ruff check .
+  export SOPHIAVL_FAST_TIER=1
   set +e
   .venv/bin/python -m pytest -p no:cacheprovider -m "not slow and not dist" tests/unit "$@"
   rc=$?

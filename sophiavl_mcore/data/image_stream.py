@@ -66,11 +66,23 @@ class ImageStream:
 
     ``loader`` supplies the configuration, the counters (``loader.metrics()``) and the
     fallback path; it must be a CPU loader (the stream is a CPU-side feature).
+
+    ``start_method`` is ``"spawn"``: the workers are fresh interpreters that unpickle
+    :class:`_BatchSource` (a module-level class) and import this module, once per stream.
+    ``"fork"`` (DALI's default) copies the calling process as it is at ``build()``: its
+    threads are gone in the child but their locks and objects are not. Seen with fork
+    (tests/unit, then tests/data/test_images_stream.py, in one pytest process; 1 run in
+    3): a worker's first allocation ran the cyclic garbage collector, which finalised a
+    dead ``Pipeline`` inherited from the parent (an earlier test's or loader's);
+    ``Pipeline.__del__`` shut down a C++ executor whose threads did not exist in the
+    child, and the worker died of a segmentation fault. Whether there is such garbage at
+    fork time depends on what the process ran before, hence the flakiness; a spawned
+    worker inherits none of it (nor the torch / OpenMP / DALI thread state).
     """
 
     def __init__(
         self, loader: ImageLoader, requests: Sequence[Sequence[str | None]],
-        py_num_workers: int = 2, prefetch: int = 2, start_method: str = "fork",
+        py_num_workers: int = 2, prefetch: int = 2, start_method: str = "spawn",
     ) -> None:
         self.loader = loader
         self.requests = [list(r) for r in requests]

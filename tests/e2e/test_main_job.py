@@ -178,8 +178,11 @@ def test_trm_heldout_agreement_is_printed_and_good(main_job) -> None:
 def test_hf_export_has_the_trained_config(main_job) -> None:
     hf = main_job["out"] / "final" / "hf"
     cfg = json.loads((hf / "config.json").read_text())
-    src = json.loads((main_job["out"] / "tiny_model" / "config.json").read_text())
-    assert cfg["architectures"] == src["architectures"]
+    # literals, not the source's config.json: the export writes the config the model was
+    # loaded from (carried in the conversion meta), so comparing the two passes whatever
+    # both say
+    assert cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"], cfg["architectures"]
+    assert cfg["model_type"] == "qwen2_5_vl", cfg["model_type"]
     assert any(hf.glob("*.safetensors"))
 
 
