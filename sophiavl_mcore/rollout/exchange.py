@@ -122,18 +122,17 @@ def redistribute(mine: StepBatch, first: int, plan: Sequence[Transfer], rank: in
     for part in (0, 1):
         _exchange({t: payloads[t][part] for t in outgoing},
                   {t: bufs_in[t][part] for t in incoming}, rank)
-    parts: list[tuple[int, StepBatch]] = []
+    parts: list[tuple[Transfer, StepBatch]] = []
     received = 0
     for t in (t for t in plan if t.dst == rank):
         if t.src == rank:
-            parts.append((t.start, rows(t)))
+            parts.append((t, rows(t)))
             continue
         ints, floats = bufs_in[t]
         received += ints.numel() * 8 + floats.numel() * 4
-        parts.append((t.start, unpack(ints, floats, records, mine.n)))
-    parts.sort(key=lambda p: p[0])
-    index = [i for t in sorted((t for t in plan if t.dst == rank), key=lambda t: t.start)
-             for i in range(t.start, t.stop)]
+        parts.append((t, unpack(ints, floats, records, mine.n)))
+    parts.sort(key=lambda p: p[0].start)
+    index = [i for t, _ in parts for i in range(t.start, t.stop)]
     share = StepBatch.concat([p for _, p in parts]) if parts else mine.select([])
     return index, share, received
 
